@@ -1,0 +1,1 @@
+"""Tenants, users, memberships and roles, API tokens, invitations and the audit log."""

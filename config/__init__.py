@@ -1,0 +1,5 @@
+"""Settings: code defaults -> environment -> explicit override."""
+
+from config.settings import Settings, load_settings
+
+__all__ = ["Settings", "load_settings"]

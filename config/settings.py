@@ -1,0 +1,136 @@
+"""Configuration for every process.
+
+Values come from code defaults, then the environment (``ENSOUL_*`` plus the conventional
+``DATABASE_URL``, ``REDIS_URL``, ``MQTT_URL`` and ``SECRET_KEY``), then an explicit override
+(tests). When none of the service URLs is set the platform runs on the *embedded* profile:
+SQLite, an in-process MQTT broker and an in-memory Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+INSTANCE_DIR = PROJECT_ROOT / "instance"
+
+EMBEDDED = "embedded"
+SERVICES = "services"
+
+# Code defaults. Everything a first run needs; no secret lives here.
+DEFAULTS: dict[str, Any] = {
+    "ENSOUL_PROFILE": None,  # derived when unset
+    "DATABASE_URL": f"sqlite:///{INSTANCE_DIR / 'ensoul.db'}",
+    "REDIS_URL": "memory://",
+    "MQTT_URL": "embedded://127.0.0.1:1884",
+    "SECRET_KEY": None,
+    "ENSOUL_ENCRYPTION_KEY": None,
+    "ENSOUL_BASE_URL": "http://127.0.0.1:8000",
+    "ENSOUL_REDIS_PREFIX": "ensoul",
+    "ENSOUL_LOG_JSON": False,
+    "ENSOUL_LOG_LEVEL": "INFO",
+    "ENSOUL_COOKIE_SECURE": None,  # derived: on in services mode
+    "ENSOUL_SMTP_HOST": None,  # None: mail is written to the log (embedded)
+    "ENSOUL_SMTP_PORT": 25,
+    "ENSOUL_SMTP_USER": None,
+    "ENSOUL_SMTP_PASSWORD": None,
+    "ENSOUL_SMTP_STARTTLS": False,
+    "ENSOUL_MAIL_FROM": "Ensoul <no-reply@ensoul.local>",
+    "ENSOUL_API_RATE_LIMIT": "600/minute",
+    "ENSOUL_API_IP_RATE_LIMIT": "300/minute",
+    "ENSOUL_LOGIN_RATE_LIMIT": "20/minute",
+    "ENSOUL_LOGIN_LOCKOUT_ATTEMPTS": 5,
+    "ENSOUL_LOGIN_LOCKOUT_MINUTES": 15,
+    "ENSOUL_INVITATION_TTL_HOURS": 72,
+    "ENSOUL_PASSWORD_RESET_TTL_MINUTES": 60,
+    "ENSOUL_MAX_BODY_BYTES": 1024 * 1024,
+    "ENSOUL_IDEMPOTENCY_TTL_HOURS": 24,
+    "ENSOUL_STATEMENT_TIMEOUT_MS": 30000,
+}
+
+BOOL_KEYS = {"ENSOUL_LOG_JSON", "ENSOUL_COOKIE_SECURE", "ENSOUL_SMTP_STARTTLS"}
+INT_KEYS = {
+    "ENSOUL_SMTP_PORT",
+    "ENSOUL_LOGIN_LOCKOUT_ATTEMPTS",
+    "ENSOUL_LOGIN_LOCKOUT_MINUTES",
+    "ENSOUL_INVITATION_TTL_HOURS",
+    "ENSOUL_PASSWORD_RESET_TTL_MINUTES",
+    "ENSOUL_MAX_BODY_BYTES",
+    "ENSOUL_IDEMPOTENCY_TTL_HOURS",
+    "ENSOUL_STATEMENT_TIMEOUT_MS",
+}
+SERVICE_URL_KEYS = ("DATABASE_URL", "REDIS_URL", "MQTT_URL")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+
+class Settings(dict[str, Any]):
+    """A plain mapping of resolved settings with typed accessors for the common ones."""
+
+    @property
+    def profile(self) -> str:
+        return str(self["ENSOUL_PROFILE"])
+
+    @property
+    def embedded(self) -> bool:
+        return self.profile == EMBEDDED
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if value is None or not isinstance(value, str):
+        return value
+    if key in BOOL_KEYS:
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    if key in INT_KEYS:
+        try:
+            return int(value)
+        except ValueError as exc:
+            raise SettingsError(f"{key} must be an integer, got {value!r}") from exc
+    return value
+
+
+def _instance_secret(name: str) -> str:
+    """A random secret kept in ``instance/`` so an embedded run survives restarts."""
+    INSTANCE_DIR.mkdir(exist_ok=True)
+    path = INSTANCE_DIR / name
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def load_settings(
+    override: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = dict(DEFAULTS)
+    for key in DEFAULTS:
+        if key in env and env[key] != "":
+            values[key] = env[key]
+    explicitly_set = {k for k in SERVICE_URL_KEYS if env.get(k)}
+    if override:
+        values.update(override)
+        explicitly_set |= {k for k in SERVICE_URL_KEYS if k in override}
+    values = {key: _coerce(key, value) for key, value in values.items()}
+
+    if not values["ENSOUL_PROFILE"]:
+        values["ENSOUL_PROFILE"] = SERVICES if explicitly_set else EMBEDDED
+    if values["ENSOUL_PROFILE"] not in (EMBEDDED, SERVICES):
+        raise SettingsError("ENSOUL_PROFILE must be 'embedded' or 'services'")
+    embedded = values["ENSOUL_PROFILE"] == EMBEDDED
+    if values["ENSOUL_COOKIE_SECURE"] is None:
+        values["ENSOUL_COOKIE_SECURE"] = not embedded
+    if not values["SECRET_KEY"]:
+        if not embedded:
+            raise SettingsError("SECRET_KEY must be set in the services profile")
+        values["SECRET_KEY"] = _instance_secret("secret_key")
+    if not values["ENSOUL_ENCRYPTION_KEY"]:
+        if not embedded:
+            raise SettingsError("ENSOUL_ENCRYPTION_KEY must be set in the services profile")
+        values["ENSOUL_ENCRYPTION_KEY"] = _instance_secret("encryption_key")
+    return Settings(values)

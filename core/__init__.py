@@ -1,0 +1,1 @@
+"""What every domain needs: database, errors, Redis, MQTT, queue, tenancy, pagination."""

@@ -1,0 +1,138 @@
+"""One typed declarative base and a session per request or job.
+
+Services flush; the boundary (a request, a job, a CLI command) commits. The session is a
+``scoped_session`` removed at the end of every app context.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import DateTime, MetaData, Uuid, create_engine, event
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.types import TypeDecorator
+
+from core.ids import uuid7
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTCDateTime column")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dt.datetime: UTCDateTime, uuid.UUID: Uuid}
+
+
+class UUIDPrimaryKey:
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+
+
+class Timestamped:
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Database:
+    """Engine and scoped session bound to a Flask app (an unbound extension)."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self._factory = sessionmaker(expire_on_commit=False)
+        self.session: scoped_session[OrmSession] = scoped_session(self._factory)
+
+    def init_app(self, app: Flask) -> None:
+        self.engine = make_engine(app.config["DATABASE_URL"], app.config)
+        self._factory.configure(bind=self.engine)
+        app.extensions["ensoul_db"] = self
+        app.teardown_appcontext(self._remove_session)
+
+    def bind(self, bind: Engine | Connection, **options: Any) -> None:
+        """Rebind the session factory (tests bind to one connection in an outer transaction)."""
+        self.session.remove()
+        self._factory.configure(bind=bind, **options)
+
+    def _remove_session(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            self.session.rollback()
+        self.session.remove()
+
+
+def make_engine(url: str, config: Any = None) -> Engine:
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.close()
+
+        return engine
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    timeout = int((config or {}).get("ENSOUL_STATEMENT_TIMEOUT_MS", 30000))
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        connect_args={"options": f"-c statement_timeout={timeout}", "connect_timeout": 5},
+    )
+
+
+db = Database()
+
+
+def on_commit(callback: Any) -> None:
+    """Run ``callback()`` once the current transaction commits (never if it rolls back)."""
+    db.session().info.setdefault("on_commit", []).append(callback)
+
+
+@event.listens_for(OrmSession, "after_commit")
+def _run_on_commit(session: OrmSession) -> None:
+    callbacks = session.info.pop("on_commit", [])
+    for callback in callbacks:
+        callback()
+
+
+@event.listens_for(OrmSession, "after_rollback")
+def _drop_on_commit(session: OrmSession) -> None:
+    if not session.in_transaction():
+        session.info.pop("on_commit", None)

@@ -1,0 +1,52 @@
+"""The embedded profile's in-process MQTT broker (amqtt), run on its own thread and loop.
+
+amqtt has no ``$share`` subscriptions and no ``%u`` ACL patterns; the embedded profile runs a
+single broker process and applies device rules through amqtt's auth and topic plugins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from amqtt.broker import Broker
+
+from core.mqtt import MqttTarget
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedBroker:
+    def __init__(self, target: MqttTarget, plugins: dict[str, Any] | None = None) -> None:
+        self.target = target
+        self.plugins = plugins or {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+        }
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mqtt-broker",
+                                        daemon=True)
+        self._broker: Broker | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        future.result(timeout)
+        log.info("embedded MQTT broker listening on %s:%s", self.target.host, self.target.port)
+
+    async def _start(self) -> None:
+        config = {
+            "listeners": {
+                "default": {"type": "tcp", "bind": f"{self.target.host}:{self.target.port}"}
+            },
+            "plugins": self.plugins,
+        }
+        self._broker = Broker(config, loop=self._loop)
+        await self._broker.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._broker is not None:
+            asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)

@@ -1,0 +1,4 @@
+"""Imports every domain's models so the metadata is complete (alembic, tests, the app)."""
+
+import accounts.models  # noqa: F401
+import core.models  # noqa: F401

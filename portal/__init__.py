@@ -1,0 +1,1 @@
+"""Server-rendered portal pages (Jinja); no business logic lives here."""
