@@ -34,6 +34,7 @@ def create_app(config_override: dict[str, Any] | None = None) -> Flask:
         OPENAPI_SWAGGER_UI_PATH="docs",
         OPENAPI_SWAGGER_UI_URL="/static/vendor/swagger-ui-dist/",
         JSON_SORT_KEYS=False,
+        BABEL_TRANSLATION_DIRECTORIES=app.root_path + "/portal/translations",
     )
 
     from core import ratelimit, web

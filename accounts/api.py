@@ -121,7 +121,8 @@ def create_token(data: dict[str, Any]) -> Any:
     """Create a token. Its secret is in this answer only; it is stored as SHA-256."""
     token, raw = services.create_token(current_tenant(), data["name"], data["scope"],
                                        current_actor_user())
-    return {**schemas.TokenOut().dump(token), "token": raw}
+    token.secret = raw  # type: ignore[attr-defined]  # transient: shown once, never stored
+    return token
 
 
 @blp.route("/tokens/<token_id>", methods=["GET"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import zoneinfo
+
 import marshmallow as ma
 
 from accounts.models import Role, TokenScope
+from core.fields import Name, Text
 from core.pagination import PageArgsSchema, page_schema
 
 ROLE_VALUES = [r.value for r in Role]
+TIMEZONES = sorted(zoneinfo.available_timezones())
 
 
 class TenantOut(ma.Schema):
@@ -23,8 +27,9 @@ class TenantOut(ma.Schema):
 
 
 class TenantUpdateIn(ma.Schema):
-    name = ma.fields.String(validate=ma.validate.Length(min=1, max=200))
-    timezone = ma.fields.String(validate=ma.validate.Length(min=1, max=64))
+    name = Name(validate=ma.validate.Length(min=1, max=200))
+    timezone = ma.fields.String(validate=ma.validate.OneOf(TIMEZONES),
+                                metadata={"description": "An IANA time zone name."})
     require_two_factor = ma.fields.Boolean()
 
 
@@ -44,7 +49,7 @@ class MemberUpdateIn(ma.Schema):
 
 
 class InvitationIn(ma.Schema):
-    email = ma.fields.String(required=True, validate=ma.validate.Length(min=3, max=320))
+    email = ma.fields.Email(required=True, validate=ma.validate.Length(max=320))
     role = ma.fields.Enum(Role, by_value=True, required=True)
 
 
@@ -71,7 +76,7 @@ class InvitationOut(ma.Schema):
 
 
 class TokenIn(ma.Schema):
-    name = ma.fields.String(required=True, validate=ma.validate.Length(min=1, max=200))
+    name = Name(required=True, validate=ma.validate.Length(min=1, max=200))
     scope = ma.fields.Enum(TokenScope, by_value=True, required=True)
 
 
@@ -88,7 +93,7 @@ class TokenOut(ma.Schema):
 
 class TokenCreatedOut(TokenOut):
     token = ma.fields.String(
-        required=True, allow_none=True,
+        attribute="secret", required=True, allow_none=True,
         metadata={"description": "The secret, shown only in this answer (null on a replay)."},
     )
 
@@ -107,7 +112,7 @@ class AuditEntryOut(ma.Schema):
 
 
 class AuditArgs(PageArgsSchema):
-    action = ma.fields.String(validate=ma.validate.Length(max=100))
+    action = Text(validate=ma.validate.Length(max=100))
 
 
 MemberPage = page_schema(MemberOut, "MemberPage")

@@ -8,7 +8,7 @@ import uuid
 import zoneinfo
 
 from babel.numbers import list_currencies
-from email_validator import EmailNotValidError, validate_email
+import marshmallow as ma
 from flask import current_app
 from sqlalchemy import func, select
 
@@ -46,11 +46,18 @@ class TenantSuspended(EnsoulError):
 # --- validation helpers -------------------------------------------------------------------
 
 
+_email_rule = ma.validate.Email(error="Not a valid e-mail address.")
+
+
 def normalize_email(email: str, field: str = "email") -> str:
+    """The same rule as the API's ``format: email`` fields; internal domains are fine."""
+    email = email.strip()
     try:
-        return validate_email(email, check_deliverability=False).normalized.lower()
-    except EmailNotValidError as exc:
-        raise ValidationFailed(details={field: [str(exc)]}) from exc
+        _email_rule(email)
+    except ma.ValidationError as exc:
+        raise ValidationFailed(details={field: exc.messages}) from exc
+    local, _, domain = email.rpartition("@")
+    return f"{local}@{domain.lower()}".lower()
 
 
 def check_currency(currency: str) -> str:

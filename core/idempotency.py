@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +27,12 @@ from core.models import IdempotencyRecord
 from core.tenancy import current_tenant_id
 
 HEADER = "Idempotency-Key"
+KEY_PATTERN = re.compile(r"[!-~]{1,255}")
 HEADER_DOC = {
     "in": "header",
     "name": HEADER,
     "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
     "description": "Retries with the same key return the first answer instead of acting twice.",
 }
 
@@ -58,9 +60,9 @@ def idempotent(redact: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], C
             key = request.headers.get(HEADER)
             if key is None:
                 return view(*args, **kwargs)
-            if not 1 <= len(key) <= 255 or not key.isprintable():
+            if not KEY_PATTERN.fullmatch(key):
                 raise ValidationFailed(
-                    details={HEADER: ["Must be 1 to 255 printable characters."]}
+                    details={HEADER: ["Must be 1 to 255 visible ASCII characters."]}
                 )
             tenant_id = current_tenant_id()
             request_hash = _request_hash()

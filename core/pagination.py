@@ -23,7 +23,9 @@ MAX_LIMIT = 200
 
 class PageArgsSchema(ma.Schema):
     cursor = ma.fields.String(
-        load_default=None, metadata={"description": "Opaque cursor from `next_cursor`."}
+        load_default=None,
+        validate=ma.validate.Regexp(r"^[A-Za-z0-9_-]{22}$", error="Not a valid cursor."),
+        metadata={"description": "Opaque cursor from `next_cursor`."},
     )
     limit = ma.fields.Integer(
         load_default=DEFAULT_LIMIT, validate=ma.validate.Range(min=1, max=MAX_LIMIT)

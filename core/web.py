@@ -66,6 +66,13 @@ def render_error(error: EnsoulError, status: int, headers: dict[str, str] | None
 
 
 def init_app(app: Flask) -> None:
+    @app.url_value_preprocessor
+    def _fresh_globals(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        # Runs before every before_request hook: nothing from an earlier request may leak into
+        # this one when an app context outlives a request (tests, CLI-driven requests).
+        for key in list(g):
+            g.pop(key)
+
     @app.before_request
     def _start_request() -> None:
         incoming = request.headers.get("X-Request-Id", "")

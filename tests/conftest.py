@@ -1,0 +1,287 @@
+"""The test harness: real Postgres, Redis and Mosquitto; one database per xdist worker.
+
+- ``app``: in-process tests. The schema is built once per worker by the migrations; each test
+  runs inside an outer transaction that is rolled back (services flush, requests commit to a
+  savepoint). An app context stays pushed for the test.
+- ``committed_app``: for tests whose other processes must see the data; commits for real and
+  truncates every table afterwards.
+- Redis: each worker has its own db index (cleared with FLUSHDB, never FLUSHALL) and every
+  pub/sub channel and stream name carries a per-run prefix.
+- ``mailbox``: a local SMTP sink (aiosmtpd); ``mosquitto``: a project-configured Mosquitto on a
+  free port.
+"""
+
+from __future__ import annotations
+
+import email
+import os
+import shutil
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis as redis_lib
+from aiosmtpd.controller import Controller
+from flask.testing import FlaskClient
+from sqlalchemy import text
+
+from app import create_app
+from core.db import Base, db
+from tests.support.processes import PROJECT_ROOT, ManagedProcess
+from tests.support.waiting import free_port, port_open, wait_until
+
+PG_ADMIN_URL = os.environ.get("ENSOUL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE_URL = os.environ.get("ENSOUL_TEST_REDIS", "redis://127.0.0.1:6379")
+RUN_ID = os.environ.get("ENSOUL_TEST_RUN_ID") or uuid.uuid4().hex[:8]
+# Two suites running at once on one machine (two developers) need other names and db indexes.
+DB_PREFIX = os.environ.get("ENSOUL_TEST_DB_PREFIX", "ensoul_test")
+REDIS_DB_OFFSET = int(os.environ.get("ENSOUL_TEST_REDIS_DB_OFFSET", "1"))
+
+
+def _worker_number(worker_id: str) -> int:
+    return int(worker_id[2:]) if worker_id.startswith("gw") else 0
+
+
+@pytest.fixture(scope="session")
+def worker_number(worker_id: str) -> int:
+    return _worker_number(worker_id)
+
+
+@pytest.fixture(scope="session")
+def database_url(worker_number: int) -> Iterator[str]:
+    name = f"{DB_PREFIX}_{worker_number}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    from alembic import command
+
+    from core.cli import alembic_config
+
+    cfg = alembic_config(url)
+    cfg.attributes["skip_logging"] = True  # type: ignore[attr-defined]
+    command.upgrade(cfg, "head")  # type: ignore[arg-type]
+    yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url(worker_number: int) -> str:
+    return f"{REDIS_BASE_URL}/{(REDIS_DB_OFFSET + worker_number) % 16}"
+
+
+@pytest.fixture(scope="session")
+def redis_prefix(worker_number: int) -> str:
+    return f"ensoul-test-{RUN_ID}-{worker_number}"
+
+
+class Mailbox:
+    """Collects every message the SMTP sink receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self._lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        with self._lock:
+            self.messages.append(email.message_from_bytes(envelope.content))
+        return "250 OK"
+
+    def clear(self) -> None:
+        with self._lock:
+            self.messages.clear()
+
+    def wait_for(self, to: str, timeout: float = 5.0) -> Message:
+        def _find() -> Message | None:
+            with self._lock:
+                return next((m for m in self.messages if m["To"] == to), None)
+
+        return wait_until(_find, timeout, what=f"a mail to {to}")
+
+    @staticmethod
+    def body(message: Message) -> str:
+        payload = message.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        return payload.decode()
+
+
+@pytest.fixture(scope="session")
+def smtp_sink() -> Iterator[tuple[Mailbox, int]]:
+    box = Mailbox()
+    port = free_port()
+    controller = Controller(box, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield box, port
+    controller.stop()
+
+
+@pytest.fixture
+def mailbox(smtp_sink: tuple[Mailbox, int]) -> Mailbox:
+    box, _ = smtp_sink
+    box.clear()
+    return box
+
+
+def app_settings(database_url: str, redis_url: str, redis_prefix: str, smtp_port: int,
+                 **extra: Any) -> dict[str, Any]:
+    return {
+        "TESTING": True,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "MQTT_URL": os.environ.get("ENSOUL_TEST_MQTT", "mqtt://127.0.0.1:1883"),
+        "SECRET_KEY": "test-secret-key",
+        "ENSOUL_ENCRYPTION_KEY": "test-encryption-key",
+        "ENSOUL_REDIS_PREFIX": redis_prefix,
+        "ENSOUL_BASE_URL": "http://localhost",
+        "ENSOUL_SMTP_HOST": "127.0.0.1",
+        "ENSOUL_SMTP_PORT": smtp_port,
+        "ENSOUL_COOKIE_SECURE": False,
+        "ENSOUL_API_RATE_LIMIT": "100000/minute",
+        "ENSOUL_API_IP_RATE_LIMIT": "100000/minute",
+        "ENSOUL_LOGIN_RATE_LIMIT": "100000/minute",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def base_app(database_url: str, redis_url: str, redis_prefix: str,
+             smtp_sink: tuple[Mailbox, int]) -> Any:
+    return create_app(app_settings(database_url, redis_url, redis_prefix, smtp_sink[1]))
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
+    client = redis_lib.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def app(base_app: Any, redis_client: redis_lib.Redis) -> Iterator[Any]:
+    """The app with a pushed context whose every write is rolled back after the test."""
+    from core.ratelimit import limiter
+
+    limiter.reset()
+    engine = db.engine
+    assert engine is not None
+    connection = engine.connect()
+    outer = connection.begin()
+    db.bind(connection, join_transaction_mode="create_savepoint")
+    ctx = base_app.app_context()
+    ctx.push()
+    try:
+        yield base_app
+    finally:
+        ctx.pop()
+        db.session.remove()
+        outer.rollback()
+        connection.close()
+        db.bind(engine, join_transaction_mode="conservative_savepoint")
+
+
+def truncate_all() -> None:
+    engine = db.engine
+    assert engine is not None
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def committed_app(base_app: Any, redis_client: redis_lib.Redis) -> Iterator[Any]:
+    """The app committing for real (other processes see the data); truncated afterwards."""
+    from core.ratelimit import limiter
+
+    limiter.reset()
+    truncate_all()
+    ctx = base_app.app_context()
+    ctx.push()
+    try:
+        yield base_app
+    finally:
+        db.session.remove()
+        ctx.pop()
+        truncate_all()
+
+
+class CommittingClient(FlaskClient):
+    """Commits what the test set up before each request, as a real client would find it.
+
+    Inside the ``app`` fixture a commit only releases a savepoint of the outer transaction, so
+    a request that fails (and rolls back) does not take the test's own data with it.
+    """
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        db.session.commit()
+        return super().open(*args, **kwargs)
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    app.test_client_class = CommittingClient
+    return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+class MosquittoInstance:
+    """A Mosquitto running the project's config template on a free port."""
+
+    def __init__(self, workdir: Path, log_dir: Path) -> None:
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.workdir = workdir
+        self.password_file = workdir / "passwords"
+        self.acl_file = workdir / "acl"
+        self.pid_file = workdir / "mosquitto.pid"
+        self.service_user = "ensoul-platform"
+        self.service_password = uuid.uuid4().hex
+        self.password_file.write_text("")
+        subprocess.run(["mosquitto_passwd", "-b", str(self.password_file), self.service_user,
+                        self.service_password], check=True)
+        self.acl_file.write_text(f"user {self.service_user}\ntopic readwrite #\n")
+        template = (PROJECT_ROOT / "config/mosquitto/mosquitto.conf.template").read_text()
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(template.format(
+            password_file=self.password_file, acl_file=self.acl_file, pid_file=self.pid_file,
+            port=self.port, host=self.host))
+        self.process = ManagedProcess(
+            f"mosquitto-{self.port}", ["mosquitto", "-c", str(conf)], log_dir=log_dir,
+            ready=lambda: port_open(self.host, self.port))
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.service_user}:{self.service_password}@{self.host}:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[MosquittoInstance]:
+    if shutil.which("mosquitto") is None:
+        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients")
+    instance = MosquittoInstance(tmp_path_factory.mktemp("mosquitto"), log_dir)
+    instance.process.start()
+    yield instance
+    instance.process.stop()
+
+
+@pytest.fixture(autouse=True)
+def _services_required() -> None:
+    """Fail (never skip) when a service the suite needs is down, naming how to start it."""
+    if not port_open("127.0.0.1", 5432):
+        pytest.fail("PostgreSQL is not running: pg_ctlcluster --skip-systemctl-redirect "
+                    "$(ls /etc/postgresql) main start")
+    if not port_open("127.0.0.1", 6379):
+        pytest.fail("Redis is not running: redis-server --daemonize yes --port 6379 --save ''")
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    wait_until(lambda: port_open(host, port), timeout, what=f"{host}:{port}")
