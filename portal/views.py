@@ -1,3 +1,17 @@
-from flask import Blueprint
+"""The ``portal`` blueprint with all its pages; ``app.py`` registers :data:`bp`."""
 
-bp = Blueprint("portal", __name__)
+from portal import (  # noqa: F401 - imported for the routes they add to the blueprint
+    admin_views,
+    audit_views,
+    auth_views,
+    home_views,
+    invitation_views,
+    settings_views,
+    team_views,
+    token_views,
+    two_factor_views,
+    vendor,
+)
+from portal.blueprint import bp
+
+__all__ = ["bp"]
