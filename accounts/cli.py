@@ -19,7 +19,7 @@ from core.db import db
 from core.errors import EnsoulError
 
 DEMO_EMAIL = "demo@ensoul.local"
-DEMO_PASSWORD = "ensoul-demo-2026"
+DEMO_PASSWORD = "ensoul-demo-2026"  # noqa: S105 - the documented demo login
 DEMO_TENANT = "Demo Devices Ltd"
 
 
@@ -62,7 +62,9 @@ def seed_demo() -> tuple[Tenant, str | None]:
     user = services.get_user_by_email(DEMO_EMAIL)
     if user is None:
         user = services.create_user(DEMO_EMAIL, DEMO_PASSWORD, "Demo Owner")
-    tenant = db.session.execute(select(Tenant).where(Tenant.name == DEMO_TENANT)).scalar_one_or_none()
+    tenant = db.session.execute(
+        select(Tenant).where(Tenant.name == DEMO_TENANT)
+    ).scalar_one_or_none()
     raw = None
     if tenant is None:
         tenant = services.create_tenant(DEMO_TENANT, "CNY", "Asia/Shanghai")
@@ -115,7 +117,7 @@ def register(app: Flask) -> None:
     def create_token(tenant_ref: str, name: str, scope: str) -> None:
         """Create an API token; its secret is printed once."""
         tenant = find_tenant(tenant_ref)
-        token, raw = services.create_token(tenant, name, TokenScope(scope), None)
+        _, raw = services.create_token(tenant, name, TokenScope(scope), None)
         click.echo(raw)
 
     @app.cli.command("suspend-tenant")

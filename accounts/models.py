@@ -14,7 +14,7 @@ from core.db import Base, Timestamped, UUIDPrimaryKey
 from core.tenancy import TenantOwned
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     OWNER = "owner"
     DEVELOPER = "developer"
     OPERATIONS = "operations"
@@ -22,12 +22,12 @@ class Role(str, enum.Enum):
     VIEWER = "viewer"
 
 
-class TenantStatus(str, enum.Enum):
+class TenantStatus(enum.StrEnum):
     ACTIVE = "active"
     SUSPENDED = "suspended"
 
 
-class TokenScope(str, enum.Enum):
+class TokenScope(enum.StrEnum):
     READ = "read"
     WRITE = "write"
 
@@ -77,7 +77,9 @@ class Membership(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     __tablename__ = "memberships"
     __table_args__ = (UniqueConstraint("tenant_id", "user_id"),)
 
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
     role: Mapped[Role] = mapped_column(_enum(Role, "role"))
 
     tenant: Mapped[Tenant] = relationship(back_populates="memberships")
@@ -101,7 +103,9 @@ class Invitation(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
 class PasswordReset(UUIDPrimaryKey, Timestamped, Base):
     __tablename__ = "password_resets"
 
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     expires_at: Mapped[dt.datetime] = mapped_column()
     used_at: Mapped[dt.datetime | None] = mapped_column()

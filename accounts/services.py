@@ -7,8 +7,8 @@ import re
 import uuid
 import zoneinfo
 
-from babel.numbers import list_currencies
 import marshmallow as ma
+from babel.numbers import list_currencies
 from flask import current_app
 from sqlalchemy import func, select
 
@@ -30,7 +30,7 @@ from core.db import db, on_commit, utcnow
 from core.errors import Conflict, EnsoulError, Forbidden, Gone, Unauthorized, ValidationFailed
 from core.mail import send_mail
 
-TOKEN_PREFIX = "ens"
+TOKEN_PREFIX = "ens"  # noqa: S105 - a label, not a secret
 _SLUG_RE = re.compile(r"[^a-z0-9]+")
 CURRENCIES = frozenset(list_currencies())
 

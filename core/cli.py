@@ -22,7 +22,7 @@ from core.db import db
 log = logging.getLogger(__name__)
 
 
-def alembic_config(database_url: str | None = None) -> "object":
+def alembic_config(database_url: str | None = None) -> object:
     from alembic.config import Config
 
     cfg = Config(str(PROJECT_ROOT / "alembic.ini"))

@@ -10,6 +10,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -50,7 +51,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
 def set_nodelay(client: paho.Client) -> None:
     """paho never sets TCP_NODELAY; without it a second small message waits ~40 ms."""
     sock = client.socket()
-    if sock is not None:
+    if isinstance(sock, socket.socket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -62,8 +63,9 @@ def new_client(client_id: str, target: MqttTarget) -> paho.Client:
         client.tls_set()
     previous = client.on_socket_open
 
-    def _on_socket_open(c: paho.Client, userdata: object, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _on_socket_open(c: paho.Client, userdata: Any, sock: Any) -> None:
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if previous is not None:
             previous(c, userdata, sock)
 

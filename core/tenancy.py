@@ -28,11 +28,11 @@ class TenantOwned:
         return mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
 
 
-def tenant_owned_models() -> list[type[Base]]:
-    return sorted(
-        (m.class_ for m in Base.registry.mappers if issubclass(m.class_, TenantOwned)),
-        key=lambda cls: cls.__name__,
-    )
+def tenant_owned_models() -> list[type[Any]]:
+    models: list[type[Any]] = [
+        m.class_ for m in Base.registry.mappers if issubclass(m.class_, TenantOwned)
+    ]
+    return sorted(models, key=lambda cls: cls.__name__)
 
 
 def set_current_tenant(tenant_id: uuid.UUID | None) -> None:
@@ -46,7 +46,7 @@ def current_tenant_id() -> uuid.UUID:
     return tenant_id
 
 
-def scoped(model: type[T], tenant_id: uuid.UUID | None = None) -> Select[tuple[T]]:
+def scoped(model: type[T], tenant_id: uuid.UUID | None = None) -> Select[Any]:
     """``SELECT model`` restricted to the current (or given) tenant."""
     if not issubclass(model, TenantOwned):
         raise TypeError(f"{model.__name__} is not tenant-owned")
@@ -61,7 +61,7 @@ def get_owned(model: type[T], obj_id: Any, tenant_id: uuid.UUID | None = None) -
     except ValueError as exc:
         raise NotFound() from exc
     stmt = scoped(model, tenant_id).where(model.id == key)  # type: ignore[attr-defined]
-    row = db.session.execute(stmt).scalar_one_or_none()
+    row: T | None = db.session.execute(stmt).scalar_one_or_none()
     if row is None:
         raise NotFound(f"No such {model.__name__.lower()}.")
     return row

@@ -50,7 +50,9 @@ def _from_http_exception(exc: HTTPException) -> EnsoulError:
     return cls(exc.description if status not in (404, 500) else None)
 
 
-def render_error(error: EnsoulError, status: int, headers: dict[str, str] | None = None) -> Response:
+def render_error(
+    error: EnsoulError, status: int, headers: dict[str, str] | None = None
+) -> Response:
     if wants_json():
         response = jsonify({"error": error.to_dict()})
     else:

@@ -264,7 +264,9 @@ class MosquittoInstance:
 
 
 @pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[MosquittoInstance]:
+def mosquitto(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path
+) -> Iterator[MosquittoInstance]:
     if shutil.which("mosquitto") is None:
         pytest.fail("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients")
     instance = MosquittoInstance(tmp_path_factory.mktemp("mosquitto"), log_dir)
