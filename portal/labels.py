@@ -67,6 +67,7 @@ ERROR_MESSAGES: dict[str, LazyString] = {
 # Field messages the services use, marked here so the catalogues carry their translations.
 FIELD_MESSAGES = (
     lazy_gettext("Must not be empty."),
+    lazy_gettext("Not a valid e-mail address."),
     lazy_gettext("Not an IANA time zone."),
     lazy_gettext("Not an ISO 4217 currency code."),
     lazy_gettext("Already a member."),
