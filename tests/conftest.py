@@ -17,6 +17,7 @@ import email
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -249,6 +250,10 @@ class MosquittoInstance:
         subprocess.run(["mosquitto_passwd", "-b", str(self.password_file), self.service_user,
                         self.service_password], check=True)
         self.acl_file.write_text(f"user {self.service_user}\ntopic readwrite #\n")
+        # Started as root, Mosquitto drops to its own user: it must read and write here.
+        workdir.chmod(0o777)
+        for path in (self.password_file, self.acl_file):
+            path.chmod(0o644)
         template = (PROJECT_ROOT / "config/mosquitto/mosquitto.conf.template").read_text()
         conf = workdir / "mosquitto.conf"
         conf.write_text(template.format(
@@ -269,10 +274,13 @@ def mosquitto(
 ) -> Iterator[MosquittoInstance]:
     if shutil.which("mosquitto") is None:
         pytest.fail("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients")
-    instance = MosquittoInstance(tmp_path_factory.mktemp("mosquitto"), log_dir)
+    # Not under pytest's 0700 temp root: Mosquitto started as root drops to its own user.
+    workdir = Path(tempfile.mkdtemp(prefix="ensoul-mosquitto-"))
+    instance = MosquittoInstance(workdir, log_dir)
     instance.process.start()
     yield instance
     instance.process.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
