@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from logging.config import fileConfig
 
 from alembic import context
 
 import models_registry  # noqa: F401 - imports every model so autogenerate sees them
-import os
-
 from config.settings import DEFAULTS
 from core.db import Base, make_engine
 

@@ -78,7 +78,7 @@ def test_web_serves_and_stops_cleanly(services_env: dict[str, str], log_dir: Pat
     process.start(timeout=30)
     try:
         url = f"http://127.0.0.1:{port}/readyz"
-        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - our own server
+        with urllib.request.urlopen(url, timeout=10) as answer:
             assert answer.status == 200
     finally:
         process.signal(signal.SIGTERM)
