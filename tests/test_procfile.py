@@ -83,3 +83,17 @@ def test_web_serves_and_stops_cleanly(services_env: dict[str, str], log_dir: Pat
     finally:
         process.signal(signal.SIGTERM)
     assert process.stop() == 0, process.output()[-2000:]
+
+
+def test_web_refuses_to_start_without_its_database(services_env: dict[str, str],
+                                                   log_dir: Path) -> None:
+    env = {**os.environ, **services_env,
+           "DATABASE_URL": "postgresql://ensoul:s3cret-pw@127.0.0.1:1/ensoul"}
+    command = procfile()["web"].replace("${PORT:-8000}", str(free_port())).replace(
+        "${WEB_CONCURRENCY:-2}", "1")
+    result = subprocess.run(shlex.split(command), cwd=PROJECT_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "cannot connect to the database at postgresql://ensoul:***@127.0.0.1:1/ensoul" in (
+        result.stderr)
+    assert "s3cret-pw" not in result.stderr + result.stdout
