@@ -2,3 +2,4 @@
 
 import accounts.models  # noqa: F401
 import core.models  # noqa: F401
+import fleet.models  # noqa: F401

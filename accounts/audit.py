@@ -23,6 +23,10 @@ def _actor() -> tuple[uuid.UUID | None, uuid.UUID | None, str]:
     return None, None, "anonymous"
 
 
+def current_actor_label() -> str:
+    return _actor()[2]
+
+
 def record(
     action: str,
     *,

@@ -13,6 +13,7 @@ from flask import current_app
 from sqlalchemy import func, select
 
 from accounts import audit
+from accounts.audit import current_actor_label as current_actor_label  # for other domains
 from accounts.models import (
     ApiToken,
     Invitation,
@@ -29,6 +30,8 @@ from core.crypto import new_token, sha256_hex
 from core.db import db, on_commit, utcnow
 from core.errors import Conflict, EnsoulError, Forbidden, Gone, Unauthorized, ValidationFailed
 from core.mail import send_mail
+
+record_audit = audit.record  # for other domains
 
 TOKEN_PREFIX = "ens"  # noqa: S105 - a label, not a secret
 _SLUG_RE = re.compile(r"[^a-z0-9]+")

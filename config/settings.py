@@ -49,9 +49,18 @@ DEFAULTS: dict[str, Any] = {
     "ENSOUL_MAX_BODY_BYTES": 1024 * 1024,
     "ENSOUL_IDEMPOTENCY_TTL_HOURS": 24,
     "ENSOUL_STATEMENT_TIMEOUT_MS": 30000,
+    "ENSOUL_ACTIVATION_CODE_TTL_HOURS": 24,
+    "ENSOUL_MQTT_ACCESS": None,  # derived: embedded / mosquitto; or "emqx"
+    "ENSOUL_MQTT_PUBLIC_ENDPOINT": None,  # host:port devices connect to; derived from MQTT_URL
+    "ENSOUL_MQTT_PUBLIC_TLS": False,
+    "ENSOUL_MOSQUITTO_DIR": None,  # where the password and ACL files live; instance/ by default
+    "ENSOUL_MOSQUITTO_PID_FILE": None,
+    "ENSOUL_MOSQUITTO_RELOAD_COMMAND": None,  # default: SIGHUP to the pid in the pid file
+    "ENSOUL_PRESENCE_FLUSH_SECONDS": 60,
 }
 
-BOOL_KEYS = {"ENSOUL_LOG_JSON", "ENSOUL_COOKIE_SECURE", "ENSOUL_SMTP_STARTTLS"}
+BOOL_KEYS = {"ENSOUL_LOG_JSON", "ENSOUL_COOKIE_SECURE", "ENSOUL_SMTP_STARTTLS",
+             "ENSOUL_MQTT_PUBLIC_TLS"}
 INT_KEYS = {
     "ENSOUL_SMTP_PORT",
     "ENSOUL_LOGIN_LOCKOUT_ATTEMPTS",
@@ -61,6 +70,8 @@ INT_KEYS = {
     "ENSOUL_MAX_BODY_BYTES",
     "ENSOUL_IDEMPOTENCY_TTL_HOURS",
     "ENSOUL_STATEMENT_TIMEOUT_MS",
+    "ENSOUL_ACTIVATION_CODE_TTL_HOURS",
+    "ENSOUL_PRESENCE_FLUSH_SECONDS",
 }
 SERVICE_URL_KEYS = ("DATABASE_URL", "REDIS_URL", "MQTT_URL")
 
@@ -123,6 +134,10 @@ def load_settings(
     if values["ENSOUL_PROFILE"] not in (EMBEDDED, SERVICES):
         raise SettingsError("ENSOUL_PROFILE must be 'embedded' or 'services'")
     embedded = values["ENSOUL_PROFILE"] == EMBEDDED
+    if not values["ENSOUL_MQTT_ACCESS"]:
+        values["ENSOUL_MQTT_ACCESS"] = "embedded" if embedded else "mosquitto"
+    if values["ENSOUL_MQTT_ACCESS"] not in ("embedded", "mosquitto", "emqx"):
+        raise SettingsError("ENSOUL_MQTT_ACCESS must be 'embedded', 'mosquitto' or 'emqx'")
     if values["ENSOUL_COOKIE_SECURE"] is None:
         values["ENSOUL_COOKIE_SECURE"] = not embedded
     if not values["SECRET_KEY"]:

@@ -125,9 +125,23 @@ def on_commit(callback: Any) -> None:
     db.session().info.setdefault("on_commit", []).append(callback)
 
 
+def transaction_state(key: str) -> tuple[dict[str, Any], bool]:
+    """A dict that lives until the current transaction ends, and whether it is new."""
+    info = db.session().info
+    state_key = ("transaction_state", key)
+    created = state_key not in info
+    return info.setdefault(state_key, {}), created
+
+
+def _end_transaction_state(session: OrmSession) -> None:
+    for key in [k for k in session.info if isinstance(k, tuple) and k[0] == "transaction_state"]:
+        del session.info[key]
+
+
 @event.listens_for(OrmSession, "after_commit")
 def _run_on_commit(session: OrmSession) -> None:
     callbacks = session.info.pop("on_commit", [])
+    _end_transaction_state(session)
     for callback in callbacks:
         callback()
 
@@ -136,3 +150,4 @@ def _run_on_commit(session: OrmSession) -> None:
 def _drop_on_commit(session: OrmSession) -> None:
     if not session.in_transaction():
         session.info.pop("on_commit", None)
+        _end_transaction_state(session)

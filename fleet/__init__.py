@@ -1,1 +1,1 @@
-"""Placeholder: built by a later issue."""
+"""Products, devices, credentials, activation, broker access control and presence."""

@@ -1,0 +1,52 @@
+"""Extension points other domains plug into without fleet importing them.
+
+- Activation hooks run inside the activation's transaction, get the device and its history,
+  and may refuse with a typed error (billing assigns a licence seat here).
+- Reset hooks run when a device is reset or transferred (inference deletes its memory here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from core.errors import EnsoulError
+from fleet.models import Device, DeviceEvent
+
+ActivationHook = Callable[[Device, list[DeviceEvent]], None]
+ResetHook = Callable[[Device], None]
+
+_activation_hooks: list[ActivationHook] = []
+_reset_hooks: list[ResetHook] = []
+
+
+class ActivationRefused(EnsoulError):
+    """Raised by an activation hook; its code reaches the API and the bootstrap endpoint."""
+
+    code, http_status, message = "activation_refused", 409, "Activation was refused."
+
+
+def register_activation_hook(hook: ActivationHook) -> ActivationHook:
+    if hook not in _activation_hooks:
+        _activation_hooks.append(hook)
+    return hook
+
+
+def unregister_activation_hook(hook: ActivationHook) -> None:
+    if hook in _activation_hooks:
+        _activation_hooks.remove(hook)
+
+
+def register_reset_hook(hook: ResetHook) -> ResetHook:
+    if hook not in _reset_hooks:
+        _reset_hooks.append(hook)
+    return hook
+
+
+def run_activation_hooks(device: Device, history: list[DeviceEvent]) -> None:
+    for hook in list(_activation_hooks):
+        hook(device, history)
+
+
+def run_reset_hooks(device: Device) -> None:
+    for hook in list(_reset_hooks):
+        hook(device)
