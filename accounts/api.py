@@ -79,8 +79,8 @@ def list_invitations(args: dict[str, Any]) -> Any:
 
 
 @blp.route("/invitations", methods=["POST"])
-@idempotent()
 @require(perm.TEAM_WRITE)
+@idempotent()
 @blp.arguments(schemas.InvitationIn)
 @blp.response(201, schemas.InvitationOut)
 def create_invitation(data: dict[str, Any]) -> Any:
@@ -113,8 +113,8 @@ def list_tokens(args: dict[str, Any]) -> Any:
 
 
 @blp.route("/tokens", methods=["POST"])
-@idempotent(redact=("token",))
 @require(perm.TOKENS_WRITE)
+@idempotent(redact=("token",))
 @blp.arguments(schemas.TokenIn)
 @blp.response(201, schemas.TokenCreatedOut)
 def create_token(data: dict[str, Any]) -> Any:
