@@ -48,7 +48,7 @@ def _tenant(tenant_id: str) -> Tenant:
 def admin_tenants() -> str:
     counts = dict(db.session.execute(
         select(Membership.tenant_id, func.count()).group_by(Membership.tenant_id)
-    ).tuples().all())
+    ).all())
     tenants = db.session.execute(select(Tenant).order_by(Tenant.name)).scalars().all()
     return render_template("admin_tenants.html", tenants=tenants, counts=counts,
                            form=SuspendTenantForm(formdata=None))

@@ -12,6 +12,7 @@ from wtforms import (
     HiddenField,
     PasswordField,
     RadioField,
+    SelectChoice,
     SelectField,
     StringField,
     SubmitField,
@@ -39,13 +40,13 @@ def apply_error(form: FlaskForm, error: EnsoulError) -> None:
         form.form_errors.append(error_text(error))
 
 
-def _role_choices() -> list[tuple[str, object]]:
-    return [(role.value, label) for role, label in ROLE_LABELS.items()]
+def _role_choices() -> list[SelectChoice]:
+    return [SelectChoice(role.value, label) for role, label in ROLE_LABELS.items()]
 
 
 @functools.cache
-def _timezones() -> list[tuple[str, str]]:
-    return [(name, name) for name in sorted(zoneinfo.available_timezones())]
+def _timezones() -> list[SelectChoice]:
+    return [SelectChoice(name) for name in sorted(zoneinfo.available_timezones())]
 
 
 def _code_field() -> StringField:
@@ -120,14 +121,16 @@ class TokenForm(FlaskForm):
                        description=_l("Where the token is used, e.g. “factory provisioning”."),
                        render_kw={"data-testid": "token-name"})
     scope = RadioField(_l("Scope"), default=TokenScope.READ.value,
-                       choices=[(scope.value, label) for scope, label in SCOPE_LABELS.items()],
+                       choices=[SelectChoice(scope.value, label)
+                                for scope, label in SCOPE_LABELS.items()],
                        render_kw={"data-testid": "token-scope"})
     submit = SubmitField(_l("Create token"), render_kw={"data-testid": "token-submit"})
 
 
 class LanguagePreferenceForm(FlaskForm):
     locale = SelectField(_l("Language"),
-                         choices=[("", _l("Same as my browser")), *LANGUAGE_NAMES.items()],
+                         choices=[SelectChoice("", _l("Same as my browser")),
+                                  *(SelectChoice(*item) for item in LANGUAGE_NAMES.items())],
                          render_kw={"data-testid": "profile-locale"})
     submit = SubmitField(_l("Save language"), render_kw={"data-testid": "profile-locale-submit"})
 
