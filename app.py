@@ -65,16 +65,20 @@ def create_app(config_override: dict[str, Any] | None = None) -> Flask:
 def _register_blueprints(app: Flask) -> None:
     from accounts.api import blp as accounts_api
     from core.api import api
+    from fleet.api import blp as fleet_api
+    from fleet.bootstrap_api import blp as bootstrap_bp
     from core.health import bp as health_bp
     from core.ratelimit import client_ip, limiter
     from portal.views import bp as portal_bp
 
-    for blueprint in (accounts_api,):
+    for blueprint in (accounts_api, fleet_api):
         limiter.limit(lambda: app.config["ENSOUL_API_RATE_LIMIT"])(blueprint)
         limiter.limit(lambda: app.config["ENSOUL_API_IP_RATE_LIMIT"],
                       key_func=lambda: "ip:" + client_ip())(blueprint)
         csrf.exempt(blueprint)
         api.register_blueprint(blueprint)
+    csrf.exempt(bootstrap_bp)
+    api.register_blueprint(bootstrap_bp)
     app.register_blueprint(health_bp)
     app.register_blueprint(portal_bp)
 

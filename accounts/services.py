@@ -28,7 +28,15 @@ from accounts.models import (
 from accounts.passwords import hash_password, needs_rehash, verify_password
 from core.crypto import new_token, sha256_hex
 from core.db import db, on_commit, utcnow
-from core.errors import Conflict, EnsoulError, Forbidden, Gone, Unauthorized, ValidationFailed
+from core.errors import (
+    Conflict,
+    EnsoulError,
+    Forbidden,
+    Gone,
+    NotFound,
+    Unauthorized,
+    ValidationFailed,
+)
 from core.mail import send_mail
 
 record_audit = audit.record  # for other domains
@@ -132,6 +140,13 @@ def set_tenant_status(tenant: Tenant, status: TenantStatus, reason: str | None =
     audit.record(f"tenant.{'suspend' if status is TenantStatus.SUSPENDED else 'reactivate'}",
                  tenant_id=tenant.id, target=tenant, details={"reason": reason})
     db.session.flush()
+    return tenant
+
+
+def get_tenant(tenant_id: uuid.UUID) -> Tenant:
+    tenant = db.session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound("No such tenant.")
     return tenant
 
 

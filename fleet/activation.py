@@ -20,19 +20,16 @@ from sqlalchemy import select
 
 from core.crypto import decrypt
 from core.db import db, utcnow
-from core.errors import Conflict, EnsoulError, Gone, NotFound, Unauthorized
+from core.errors import Conflict, Gone, NotFound, RateLimited, Unauthorized
+from core.redis import get_redis, name
 from core.tenancy import scoped
 from fleet import services
 from fleet.credentials import hardware_hmac
 from fleet.models import ActivationChallenge, Device, DeviceStatus, Product
 
 CODE_DIGITS = 6
-
-
-class ActivationPending(EnsoulError):
-    """Not an error for the device: it polls again (HTTP 202)."""
-
-    code, http_status, message = "activation_pending", 202, "Waiting for the code to be claimed."
+CLAIM_FAILURE_LIMIT = 20  # wrong codes per tenant per window, against guessing
+CLAIM_FAILURE_WINDOW = 900
 
 
 def _ttl() -> dt.timedelta:
@@ -74,6 +71,27 @@ def challenge_for(device: Device) -> ActivationChallenge:
     return challenge
 
 
+def _claim_failures_key(tenant_id: uuid.UUID) -> str:
+    return name(f"{{t:{tenant_id}}}", "claim-failures")
+
+
+def check_claim_rate(tenant_id: uuid.UUID) -> None:
+    """Refuse claims while the tenant has sent too many wrong codes (guessing)."""
+    client = get_redis()
+    key = _claim_failures_key(tenant_id)
+    if int(client.get(key) or 0) >= CLAIM_FAILURE_LIMIT:
+        raise RateLimited("Too many wrong activation codes; wait before trying again.",
+                          retry_after=max(int(client.ttl(key)), 1))
+
+
+def _count_claim_failure(tenant_id: uuid.UUID) -> None:
+    key = _claim_failures_key(tenant_id)
+    pipe = get_redis().pipeline()
+    pipe.incr(key)
+    pipe.expire(key, CLAIM_FAILURE_WINDOW, nx=True)
+    pipe.execute()
+
+
 def claim(tenant_id: uuid.UUID, code: str, *, end_user_ref: str | None = None,
           actor: str | None = None) -> Device:
     """The vendor claims a code shown by a device of this tenant: the device is activated."""
@@ -82,6 +100,7 @@ def claim(tenant_id: uuid.UUID, code: str, *, end_user_ref: str | None = None,
         scoped(ActivationChallenge, tenant_id).where(ActivationChallenge.code == code)
         .order_by(ActivationChallenge.id.desc())).scalars())
     if not candidates:
+        _count_claim_failure(tenant_id)
         raise NotFound("No device shows this code.", code="activation_code_invalid")
     challenge = candidates[0]
     if challenge.claimed_at is not None or challenge.released_at is not None:
@@ -105,9 +124,10 @@ def claim(tenant_id: uuid.UUID, code: str, *, end_user_ref: str | None = None,
     return device
 
 
-def poll(product: Product, challenge_value: str, hmac_hex: str | None) -> tuple[Device, str]:
-    """The device's poll: raises :class:`ActivationPending` until claimed; then returns the
-    device and its new MQTT password, once."""
+def poll(product: Product, challenge_value: str,
+         hmac_hex: str | None) -> tuple[Device, str] | None:
+    """The device's poll: ``None`` until the code is claimed; then the device and its new MQTT
+    password, once."""
     challenge = db.session.execute(
         scoped(ActivationChallenge, product.tenant_id)
         .where(ActivationChallenge.challenge == challenge_value)
@@ -124,7 +144,7 @@ def poll(product: Product, challenge_value: str, hmac_hex: str | None) -> tuple[
         raise Gone("The activation code has expired.", code="activation_code_expired")
     _check_hmac(product, device, challenge.challenge, hmac_hex)
     if challenge.claimed_at is None:
-        raise ActivationPending()
+        return None
     if device.status is not DeviceStatus.ACTIVE:
         raise Conflict(f"The device is {device.status.value}.",
                        code=f"device_{device.status.value}")
