@@ -65,10 +65,10 @@ def create_app(config_override: dict[str, Any] | None = None) -> Flask:
 def _register_blueprints(app: Flask) -> None:
     from accounts.api import blp as accounts_api
     from core.api import api
-    from fleet.api import blp as fleet_api
-    from fleet.bootstrap_api import blp as bootstrap_bp
     from core.health import bp as health_bp
     from core.ratelimit import client_ip, limiter
+    from fleet.api import blp as fleet_api
+    from fleet.bootstrap_api import blp as bootstrap_bp
     from portal.views import bp as portal_bp
 
     for blueprint in (accounts_api, fleet_api):

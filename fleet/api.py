@@ -23,7 +23,7 @@ blp = api_blueprint("fleet_api", __name__, "", description="Products, devices, a
 
 
 def _presence() -> Any:
-    from fleet import presence  # the tracker's Redis view; imported late by design of startup
+    from fleet import presence
 
     return presence
 
