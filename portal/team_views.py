@@ -13,7 +13,7 @@ from accounts.auth import current_actor_user, current_tenant, require
 from accounts.models import Invitation, Membership, Role, User
 from core.db import db, utcnow
 from core.errors import EnsoulError
-from core.tenancy import get_owned, scoped
+from core.tenancy import get_owned, owned_resource, scoped
 from portal.blueprint import bp
 from portal.forms import InviteForm, RoleForm, apply_error
 from portal.labels import ROLE_LABELS, error_text
@@ -65,6 +65,7 @@ def invite() -> Response | tuple[str, int]:
 
 
 @bp.route("/team/members/<member_id>/role", methods=["POST"])
+@owned_resource(Membership)
 @require(perm.TEAM_WRITE)
 def change_role(member_id: str) -> Response | tuple[str, int]:
     member = get_owned(Membership, member_id)
@@ -81,6 +82,7 @@ def change_role(member_id: str) -> Response | tuple[str, int]:
 
 
 @bp.route("/team/members/<member_id>/remove", methods=["POST"])
+@owned_resource(Membership)
 @require(perm.TEAM_WRITE)
 def remove_member(member_id: str) -> Response | tuple[str, int]:
     member = get_owned(Membership, member_id)
@@ -96,6 +98,7 @@ def remove_member(member_id: str) -> Response | tuple[str, int]:
 
 
 @bp.route("/team/invitations/<invitation_id>/revoke", methods=["POST"])
+@owned_resource(Invitation)
 @require(perm.TEAM_WRITE)
 def revoke_invitation(invitation_id: str) -> Response:
     invitation = get_owned(Invitation, invitation_id)

@@ -13,7 +13,7 @@ from accounts.auth import current_actor_user, current_tenant, require
 from accounts.models import ApiToken, TokenScope, User
 from core.db import db
 from core.errors import EnsoulError
-from core.tenancy import get_owned, scoped
+from core.tenancy import get_owned, owned_resource, scoped
 from portal.blueprint import bp
 from portal.forms import TokenForm, apply_error
 
@@ -54,6 +54,7 @@ def create_token() -> Response | tuple[str, int]:
 
 
 @bp.route("/tokens/<token_id>/revoke", methods=["POST"])
+@owned_resource(ApiToken)
 @require(perm.TOKENS_WRITE)
 def revoke_token(token_id: str) -> Response:
     token = get_owned(ApiToken, token_id)

@@ -37,6 +37,7 @@ def test_new_person_creates_an_account_and_is_logged_in(client: Any, setup: Any)
     raw = invite(setup.tenant, "fresh@example.com")
     page = client.get(f"/invitations/{raw}")
     assert page.status_code == 200 and 'data-testid="accept-name"' in text(page)
+    assert f"Join {setup.tenant.name}" in text(page)
 
     short = post(client, f"/invitations/{raw}",
                  {"name": "Fresh", "password": "short", "confirm": "short"})
