@@ -35,6 +35,7 @@ from sqlalchemy import text
 from app import create_app
 from core.db import Base, db
 from tests.support.processes import PROJECT_ROOT, ManagedProcess
+from tests.support.tls import make_test_certificates
 from tests.support.waiting import free_port, port_open, wait_until
 
 PG_ADMIN_URL = os.environ.get("ENSOUL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -235,11 +236,16 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class MosquittoInstance:
-    """A Mosquitto running the project's config template on a free port."""
+    """A Mosquitto running the project's config template on free ports (plain and TLS).
+
+    Its files are where the platform writes them when ``platform_config()`` is applied:
+    ``ENSOUL_MOSQUITTO_DIR`` = ``workdir`` (``passwords``, ``acl``, ``mosquitto.pid``).
+    """
 
     def __init__(self, workdir: Path, log_dir: Path) -> None:
         self.host = "127.0.0.1"
         self.port = free_port()
+        self.tls_port = free_port()
         self.workdir = workdir
         self.password_file = workdir / "passwords"
         self.acl_file = workdir / "acl"
@@ -254,18 +260,29 @@ class MosquittoInstance:
         workdir.chmod(0o777)
         for path in (self.password_file, self.acl_file):
             path.chmod(0o644)
+        self.certificates = make_test_certificates(workdir, self.host)
         template = (PROJECT_ROOT / "config/mosquitto/mosquitto.conf.template").read_text()
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(template.format(
+        self.config_file = workdir / "mosquitto.conf"
+        self.config_file.write_text(template.format(
             password_file=self.password_file, acl_file=self.acl_file, pid_file=self.pid_file,
-            port=self.port, host=self.host))
+            port=self.port, host=self.host, tls_port=self.tls_port,
+            cafile=self.certificates.ca_file, certfile=self.certificates.cert_file,
+            keyfile=self.certificates.key_file))
         self.process = ManagedProcess(
-            f"mosquitto-{self.port}", ["mosquitto", "-c", str(conf)], log_dir=log_dir,
-            ready=lambda: port_open(self.host, self.port))
+            f"mosquitto-{self.port}", ["mosquitto", "-c", str(self.config_file)],
+            log_dir=log_dir,
+            ready=lambda: port_open(self.host, self.port) and port_open(self.host, self.tls_port))
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.service_user}:{self.service_password}@{self.host}:{self.port}"
+
+    def platform_config(self) -> dict[str, Any]:
+        """Settings that make the platform own this instance's files and reload it."""
+        return {"MQTT_URL": self.url, "ENSOUL_MQTT_ACCESS": "mosquitto",
+                "ENSOUL_MOSQUITTO_DIR": str(self.workdir),
+                "ENSOUL_MOSQUITTO_PID_FILE": str(self.pid_file),
+                "ENSOUL_MOSQUITTO_RELOAD_COMMAND": None}
 
 
 @pytest.fixture(scope="session")
