@@ -11,7 +11,6 @@ from wtforms import (
     BooleanField,
     HiddenField,
     PasswordField,
-    RadioField,
     SelectChoice,
     SelectField,
     StringField,
@@ -120,10 +119,10 @@ class TokenForm(FlaskForm):
     name = StringField(_l("Name"), validators=[DataRequired(), Length(max=200)],
                        description=_l("Where the token is used, e.g. “factory provisioning”."),
                        render_kw={"data-testid": "token-name"})
-    scope = RadioField(_l("Scope"), default=TokenScope.READ.value,
-                       choices=[SelectChoice(scope.value, label)
-                                for scope, label in SCOPE_LABELS.items()],
-                       render_kw={"data-testid": "token-scope"})
+    scope = SelectField(_l("Scope"), default=TokenScope.READ.value,
+                        choices=[SelectChoice(scope.value, label)
+                                 for scope, label in SCOPE_LABELS.items()],
+                        render_kw={"data-testid": "token-scope"})
     submit = SubmitField(_l("Create token"), render_kw={"data-testid": "token-submit"})
 
 
