@@ -69,6 +69,7 @@ def _register_blueprints(app: Flask) -> None:
     from core.ratelimit import client_ip, limiter
     from fleet.api import blp as fleet_api
     from fleet.bootstrap_api import blp as bootstrap_bp
+    from fleet.broker_access.http import bp as mqtt_hooks_bp
     from portal.views import bp as portal_bp
 
     for blueprint in (accounts_api, fleet_api):
@@ -79,6 +80,9 @@ def _register_blueprints(app: Flask) -> None:
         api.register_blueprint(blueprint)
     csrf.exempt(bootstrap_bp)
     api.register_blueprint(bootstrap_bp)
+    # EMQX's authn/authz hooks: outside the REST API, authenticated by a shared secret.
+    csrf.exempt(mqtt_hooks_bp)
+    app.register_blueprint(mqtt_hooks_bp)
     app.register_blueprint(health_bp)
     app.register_blueprint(portal_bp)
 

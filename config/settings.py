@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "ENSOUL_MOSQUITTO_DIR": None,  # where the password and ACL files live; instance/ by default
     "ENSOUL_MOSQUITTO_PID_FILE": None,
     "ENSOUL_MOSQUITTO_RELOAD_COMMAND": None,  # default: SIGHUP to the pid in the pid file
+    "ENSOUL_MQTT_HOOK_SECRET": None,  # EMQX sends it in X-Ensoul-Hook-Secret to /mqtt/auth|acl
+    "ENSOUL_MQTT_ROTATION_GRACE_MINUTES": 0,  # EMQX adapter only: old secret valid N minutes
     "ENSOUL_PRESENCE_FLUSH_SECONDS": 60,
     "ENSOUL_BOOTSTRAP_RATE_LIMIT": "600/minute",
 }
@@ -73,6 +75,7 @@ INT_KEYS = {
     "ENSOUL_STATEMENT_TIMEOUT_MS",
     "ENSOUL_ACTIVATION_CODE_TTL_HOURS",
     "ENSOUL_PRESENCE_FLUSH_SECONDS",
+    "ENSOUL_MQTT_ROTATION_GRACE_MINUTES",
 }
 SERVICE_URL_KEYS = ("DATABASE_URL", "REDIS_URL", "MQTT_URL")
 

@@ -21,7 +21,7 @@ from core.errors import HTTP_STATUS_CODES, EnsoulError, ValidationFailed
 from core.logging import request_id_var
 
 log = logging.getLogger(__name__)
-JSON_PREFIXES = (API_PREFIX, "/healthz", "/readyz", "/bootstrap")
+JSON_PREFIXES = (API_PREFIX, "/healthz", "/readyz", "/bootstrap", "/mqtt")
 
 
 def wants_json() -> bool:

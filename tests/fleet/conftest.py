@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import paho.mqtt.client as paho
 import pytest
@@ -100,17 +100,18 @@ class Received(NamedTuple):
 
 
 class MqttClient:
-    """A paho client speaking MQTT 5, so every refusal carries its reason code.
+    """A paho client speaking MQTT 5 (by default), so every refusal carries its reason code.
 
     It never reconnects on its own: a test sees exactly what the broker did.
     """
 
     def __init__(self, host: str, port: int, username: str | None, password: str | None, *,
-                 client_id: str | None = None, ca_file: Path | None = None) -> None:
+                 client_id: str | None = None, ca_file: Path | None = None,
+                 protocol: int = paho.MQTTv5) -> None:
         self.host, self.port = host, port
         self.client = paho.Client(CallbackAPIVersion.VERSION2,
                                   client_id=client_id or f"test-{uuid.uuid4().hex[:10]}",
-                                  protocol=paho.MQTTv5, reconnect_on_failure=False)
+                                  protocol=protocol, reconnect_on_failure=False)
         if username is not None:
             self.client.username_pw_set(username, password)
         if ca_file is not None:
@@ -201,16 +202,21 @@ class MqttClient:
         self.client.loop_stop()
 
 
+class Endpoint(Protocol):
+    host: str
+    port: int
+
+
 @pytest.fixture
 def mqtt_clients() -> Iterator[Callable[..., MqttClient]]:
-    """``connect(instance, username, password, **options)``: clients closed after the test."""
+    """``make(broker, username, password, **options)``: clients closed after the test."""
     made: list[MqttClient] = []
 
-    def _make(instance: MosquittoInstance, username: str | None, password: str | None, *,
+    def _make(broker: Endpoint, username: str | None, password: str | None, *,
               tls: bool = False, **options: Any) -> MqttClient:
-        port = instance.tls_port if tls else instance.port
-        ca_file = instance.certificates.ca_file if tls else None
-        client = MqttClient(instance.host, port, username, password, ca_file=ca_file, **options)
+        port = broker.tls_port if tls else broker.port  # type: ignore[attr-defined]
+        ca_file = broker.certificates.ca_file if tls else None  # type: ignore[attr-defined]
+        client = MqttClient(broker.host, port, username, password, ca_file=ca_file, **options)
         made.append(client)
         return client
 
