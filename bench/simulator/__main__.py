@@ -69,6 +69,22 @@ def count_online(server: MosquittoServer, identities: list[DeviceIdentity],
     return len(online)
 
 
+def platform_online(app: Any, tenant_id: uuid.UUID, expected: int,
+                    timeout: float = 120.0) -> tuple[int, float]:
+    """Poll the presence tracker's online count until it reaches ``expected``."""
+    from fleet import presence
+
+    started = time.monotonic()
+    count = 0
+    with app.app_context():
+        while time.monotonic() - started < timeout:
+            count = presence.online_count(tenant_id)
+            if count >= expected:
+                break
+            time.sleep(0.05)  # polling interval, not synchronisation
+    return count, time.monotonic() - started
+
+
 def run(devices: int = 1000, via: str = "import", *, workers: int | None = None,
         hold: float = 0.0, database: str = "ensoul_bench_sim", keep_db: bool = False,
         result_name: str | None = "simulator") -> dict[str, Any]:
@@ -102,9 +118,20 @@ def run(devices: int = 1000, via: str = "import", *, workers: int | None = None,
         # Mosquitto reloads after the SIGHUP, asynchronously: wait until it takes a device.
         provisioning["first_device_accepted_after_sync_seconds"] = round(
             wait_until_accepted(identities[0]), 3) if identities else None
+        # The platform's presence tracker (the broker process's), in-process here.
+        from core.mqtt import parse_mqtt_url
+        from fleet.presence import PresenceTracker
+
+        tracker = PresenceTracker(app, parse_mqtt_url(server.url), shared=False)
+        tracker.start()
+        tracker.subscribed.wait(10)
         fleet = SimulatedFleet(identities, workers=workers)
-        connect = fleet.start()
-        online = count_online(server, identities)
+        try:
+            connect = fleet.start()
+            online = count_online(server, identities)
+            tracked, tracked_after = platform_online(app, vendor.tenant_id, connect.connected)
+        finally:
+            tracker.stop()
         if hold:
             time.sleep(hold)
         held = fleet.stats()
@@ -114,6 +141,9 @@ def run(devices: int = 1000, via: str = "import", *, workers: int | None = None,
             "provisioning": provisioning,
             "connect": connect.as_dict(),
             "retained_online_seen_by_platform_client": online,
+            "presence_tracker": {"online": tracked,
+                                 "seconds_after_connects_to_see_them": round(tracked_after, 3),
+                                 "messages": dict(tracker.counts)},
             "held_seconds": hold,
             "disconnects_while_held": held.disconnects,
             "stop": {"published": final.published, "received": final.received},
@@ -138,12 +168,15 @@ def main() -> None:
                         help="worker processes (default: one per 2,500 devices)")
     parser.add_argument("--hold", type=float, default=0.0,
                         help="seconds to stay connected before stopping")
+    parser.add_argument("--database", default="ensoul_bench_sim",
+                        help="recreated, then dropped (must start with ensoul_bench)")
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--result-name", default="simulator",
                         help="bench/results/<name>.json ('' for none)")
     args = parser.parse_args()
     result = run(args.devices, args.via, workers=args.workers, hold=args.hold,
-                 keep_db=args.keep_db, result_name=args.result_name or None)
+                 database=args.database, keep_db=args.keep_db,
+                 result_name=args.result_name or None)
     print(json.dumps(result, indent=2))
 
 
