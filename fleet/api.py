@@ -269,7 +269,9 @@ def create_import(args: dict[str, Any], files: dict[str, Any]) -> Any:
     """Import a CSV of devices, all or nothing; every bad row is reported with its line."""
     product = get_owned(Product, args["product_id"])
     upload = files["file"]
-    return imports.import_devices(product, upload.read(), filename=upload.filename or "",
+    with upload.stream:  # large uploads are spooled to a temporary file
+        data = upload.read()
+    return imports.import_devices(product, data, filename=upload.filename or "",
                                   issue_credentials=args["issue_credentials"],
                                   activate=args["activate"])
 

@@ -120,9 +120,14 @@ def _find_or_register(product: Product, info: dict[str, Any]) -> Device:
     return device
 
 
+def _section(info: dict[str, Any], key: str) -> dict[str, Any]:
+    value = info.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _report(device: Device, info: dict[str, Any]) -> None:
-    application = info.get("application") if isinstance(info.get("application"), dict) else {}
-    board = info.get("board") if isinstance(info.get("board"), dict) else {}
+    application: dict[str, Any] = _section(info, "application")
+    board: dict[str, Any] = _section(info, "board")
     version = str(application.get("version") or "")[:64] or None
     board_type = str(board.get("type") or board.get("name") or "")[:100] or None
     client_id = (request.headers.get("Client-Id") or "")[:64] or None

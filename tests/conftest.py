@@ -29,6 +29,7 @@ import psycopg
 import pytest
 import redis as redis_lib
 from aiosmtpd.controller import Controller
+from flask import g
 from flask.testing import FlaskClient
 from sqlalchemy import text
 
@@ -184,7 +185,7 @@ def app(base_app: Any, redis_client: redis_lib.Redis) -> Iterator[Any]:
         db.session.remove()
         outer.rollback()
         connection.close()
-        db.bind(engine, join_transaction_mode="conservative_savepoint")
+        db.bind(engine, join_transaction_mode="conditional_savepoint")
 
 
 def truncate_all() -> None:
@@ -221,6 +222,10 @@ class CommittingClient(FlaskClient):
 
     def open(self, *args: Any, **kwargs: Any) -> Any:
         db.session.commit()
+        # Every request starts with a fresh ``g``, as in production (the test's app context
+        # outlives requests; Flask-Login and Flask-Babel cache on ``g``).
+        for key in list(g):
+            g.pop(key)
         return super().open(*args, **kwargs)
 
 
