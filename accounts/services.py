@@ -337,6 +337,8 @@ def accept_invitation(raw: str, user: User | None, *, name: str = "",
 
 
 def revoke_invitation(invitation: Invitation) -> None:
+    if invitation.revoked_at is not None:
+        return
     invitation.revoked_at = utcnow()
     db.session.flush()
     audit.record("invitation.revoke", tenant_id=invitation.tenant_id, target=invitation,

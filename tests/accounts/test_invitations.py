@@ -159,3 +159,17 @@ def test_list_invitations_newest_first(client: Any, setup: Any, mailbox: Any) ->
     second = make_invitation(setup.tenant, "second@example.com")
     items = client.get("/api/v1/invitations", headers=setup.headers).get_json()["items"]
     assert [i["id"] for i in items] == [str(second.id), str(first.id)]
+
+
+def test_revoking_twice_keeps_the_first_revocation(client: Any, setup: Any,
+                                                   mailbox: Any) -> None:
+    invitation = make_invitation(setup.tenant)
+    url = f"/api/v1/invitations/{invitation.id}"
+    assert client.delete(url, headers=setup.headers).status_code == 204
+    first = db.session.get(Invitation, invitation.id).revoked_at
+    assert client.delete(url, headers=setup.headers).status_code == 204
+    db.session.expire_all()
+    assert db.session.get(Invitation, invitation.id).revoked_at == first
+    revocations = client.get("/api/v1/audit-log?action=invitation.revoke",
+                             headers=setup.headers).get_json()["items"]
+    assert [e["target_id"] for e in revocations] == [str(invitation.id)]
