@@ -15,14 +15,14 @@ from sqlalchemy import create_engine, inspect, text
 import models_registry  # noqa: F401 - every model, so the metadata is complete
 from core.cli import alembic_config
 from core.db import Base
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import DB_PREFIX, PG_ADMIN_URL
 
 MODEL_TABLES = {table.name for table in Base.metadata.sorted_tables}
 
 
 @pytest.fixture
 def empty_postgres(worker_number: int) -> Iterator[str]:
-    name = f"ensoul_test_migr_{worker_number}"
+    name = f"{DB_PREFIX}_migr_{worker_number}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')

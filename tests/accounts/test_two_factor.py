@@ -10,10 +10,10 @@ import pyotp
 import pytest
 
 from accounts import two_factor
-from accounts.models import Role
+from accounts.models import Membership, Role, Tenant
 from core.crypto import decrypt
 from core.errors import Conflict, Unauthorized
-from tests.factories import MembershipFactory, UserFactory
+from tests.factories import UserFactory
 
 
 def code_at(secret: str, steps_from_now: int = 0) -> str:
@@ -134,8 +134,7 @@ def test_disable_forgets_the_secret(enrolled: tuple[Any, str]) -> None:
      (False, Role.FINANCE, False)],
 )
 def test_required_for_owner_and_finance_once_the_tenant_asks(
-    app: Any, require: bool, role: Role, required: bool
+    require: bool, role: Role, required: bool
 ) -> None:
-    member = MembershipFactory(role=role)
-    member.tenant.require_two_factor = require
+    member = Membership(role=role, tenant=Tenant(require_two_factor=require))
     assert two_factor.required_for(member) is required

@@ -101,13 +101,13 @@ def test_wrong_method_is_405_with_allow_header(client: Any, setup: Any) -> None:
     [None, "", "Bearer", "Bearer    ", "Basic dXNlcjpwYXNz", "Token ens_abc"],
     ids=["absent", "empty", "scheme-only", "blank-secret", "basic", "other-scheme"],
 )
-def test_missing_token_is_401_unauthorized(client: Any, setup: Any, header: str | None) -> None:
+def test_missing_token_is_401_unauthorized(client: Any, header: str | None) -> None:
     headers = {} if header is None else {"Authorization": header}
     assert_error(client.get("/api/v1/tenant", headers=headers), 401, "unauthorized")
 
 
 @pytest.mark.parametrize("raw", ["ens_not-a-real-token", "garbage", "ens_" + "a" * 400])
-def test_unknown_token_is_401_invalid_token(client: Any, setup: Any, raw: str) -> None:
+def test_unknown_token_is_401_invalid_token(client: Any, raw: str) -> None:
     assert_error(client.get("/api/v1/tenant", headers=auth(raw)), 401, "invalid_token")
 
 
