@@ -178,32 +178,53 @@ def create_user(email: str, password: str, name: str = "", *, platform_admin: bo
     return user
 
 
+def ensure_not_locked(user: User, password: str | None = None) -> None:
+    now = utcnow()
+    if user.locked_until is not None and user.locked_until > now:
+        if password is not None:
+            verify_password(None, password)  # same cost as a real check
+        raise AccountLocked(retry_after=int((user.locked_until - now).total_seconds()) + 1)
+
+
+def register_failed_login(user: User) -> None:
+    """Count a wrong password or second factor; lock the account after too many."""
+    config = current_app.config
+    user.failed_logins += 1
+    if user.failed_logins >= config["ENSOUL_LOGIN_LOCKOUT_ATTEMPTS"]:
+        minutes = config["ENSOUL_LOGIN_LOCKOUT_MINUTES"]
+        user.locked_until = utcnow() + dt.timedelta(minutes=minutes)
+        user.failed_logins = 0
+        audit.record("user.lockout", tenant_id=None, target=user, actor_label=user.email)
+    db.session.flush()
+
+
 def authenticate(email: str, password: str) -> User:
     """The user for these credentials; counts failures and locks the account after too many."""
-    config = current_app.config
     user = get_user_by_email(email)
-    now = utcnow()
-    if user is not None and user.locked_until is not None and user.locked_until > now:
-        verify_password(None, password)  # same cost as a real check
-        retry = int((user.locked_until - now).total_seconds()) + 1
-        raise AccountLocked(retry_after=retry)
+    if user is not None:
+        ensure_not_locked(user, password)
     if user is None or not verify_password(user.password_hash, password):
         if user is not None:
-            user.failed_logins += 1
-            if user.failed_logins >= config["ENSOUL_LOGIN_LOCKOUT_ATTEMPTS"]:
-                minutes = config["ENSOUL_LOGIN_LOCKOUT_MINUTES"]
-                user.locked_until = now + dt.timedelta(minutes=minutes)
-                user.failed_logins = 0
-                audit.record("user.lockout", tenant_id=None, target=user, actor_label=user.email)
-            db.session.flush()
+            register_failed_login(user)
         raise Unauthorized("Wrong e-mail or password.", code="invalid_credentials")
     user.failed_logins = 0
     user.locked_until = None
-    user.last_login_at = now
+    user.last_login_at = utcnow()
     if needs_rehash(user.password_hash):
         user.password_hash = hash_password(password)
     db.session.flush()
     return user
+
+
+def change_own_password(user: User, current: str, new_password: str) -> None:
+    """A user changing their password: the current one must be right (wrong ones count)."""
+    ensure_not_locked(user, current)
+    if not verify_password(user.password_hash, current):
+        register_failed_login(user)
+        raise Unauthorized("That is not your current password.", code="invalid_credentials",
+                           details={"current": ["Not your current password."]})
+    change_password(user, new_password)
+    audit.record("user.password_change", tenant_id=None, target=user, actor_label=user.email)
 
 
 def change_password(user: User, new_password: str) -> None:

@@ -65,8 +65,15 @@ def confirm_enrolment(user: User, code: str) -> None:
 
 
 def verify(user: User, code: str) -> None:
+    """The second login step; wrong codes count towards the account lockout."""
+    from accounts import services
+
+    services.ensure_not_locked(user)
     if not user.totp_enabled or not _accept(user, code):
+        services.register_failed_login(user)
         raise Unauthorized("That code is not right.", code="invalid_totp")
+    user.failed_logins = 0
+    db.session.flush()
 
 
 def disable(user: User) -> None:

@@ -11,8 +11,7 @@ from werkzeug.wrappers import Response
 from accounts import permissions as perm
 from accounts import services
 from accounts.auth import current_tenant, require
-from accounts.passwords import verify_password
-from core.errors import EnsoulError
+from core.errors import EnsoulError, Unauthorized
 from portal.blueprint import bp
 from portal.forms import (
     ChangePasswordForm,
@@ -67,10 +66,11 @@ def change_password() -> Response | tuple[str, int]:
     if not form.validate_on_submit():
         return _render(422, password_form=form)
     user = _user()
-    if not verify_password(user.password_hash, form.current.data or ""):
+    try:
+        services.change_own_password(user, form.current.data or "", form.password.data or "")
+    except Unauthorized:
         form.current.errors = [_("That is not your current password.")]
-        return _render(422, password_form=form)
-    services.change_password(user, form.password.data or "")
+        return _render(200, password_form=form)  # 200: the failure count is committed
     # Changing the password ends every session; this one continues under the new version.
     tenant = g.get("tenant")
     log_in(user, tenant.id if tenant is not None else None)

@@ -38,7 +38,7 @@ def test_change_password(client: Any, setup: Any) -> None:
     wrong = post(client, "/settings/password", {
         "current": "not my password", "password": NEW_PASSWORD, "confirm": NEW_PASSWORD,
     }, page="/settings")
-    assert wrong.status_code == 422 and "That is not your current password." in text(wrong)
+    assert wrong.status_code == 200 and "That is not your current password." in text(wrong)
 
     done = post(client, "/settings/password", {
         "current": PASSWORD, "password": NEW_PASSWORD, "confirm": NEW_PASSWORD,
