@@ -39,17 +39,18 @@ def test_every_owned_resource_is_checked_across_tenants(client: Any, mailbox: An
     owned = [route for route in api_routes(client.application) if route.model is not None]
     assert owned, "no view is marked with owned_resource: the walk found nothing"
     missing = sorted({r.model.__name__ for r in owned if r.model not in creators()})  # type: ignore[union-attr]
-    assert not missing, f"add creators to CREATORS in tests/<domain>/endpoints.py for {missing}"
-
-    failures = []
+    failures = [f"no creator for {name}: add one to CREATORS in tests/<domain>/endpoints.py"
+                for name in missing]
     for route in owned:
+        if route.model not in creators():
+            continue
         url, row = url_with_rows_of(route, theirs.tenant)
         assert row.tenant_id == theirs.tenant.id
         before = snapshot(row)
         endpoint = endpoints().get(route.key)
-        if route.method not in ("GET", "DELETE") and (endpoint is None or endpoint.body is None):
-            failures.append(f"{route.method} {route.rule}: no valid body in ENDPOINTS, so a 404 "
-                            "could hide behind a 422")
+        if route.method not in ("GET", "DELETE") and endpoint is None:
+            failures.append(f"{route.method} {route.rule}: no row (with a valid body) in "
+                            "ENDPOINTS, so a 404 could hide behind a 422")
             continue
         response = client.open(url, method=route.method, headers=mine.headers,
                                json=endpoint.body if endpoint else None)
