@@ -10,8 +10,10 @@ online in the presence tracker. Each query is a page of 50 through the Flask tes
 Bearer token (authentication, rate limits, serialisation, presence: the whole request), sampled
 sequentially after a warm-up. Baseline, in the same run: the search statement that request sent
 to Postgres (captured from SQLAlchemy), replayed bare with psycopg; also the number of
-statements the request ran. The issue's target: p95 under 150 ms. Results:
-``bench/results/device_list.json`` and ``device_list.png``.
+statements the request ran. The issue's target: p95 under 150 ms. Then, unless
+``--no-what-if``, some pages again with a candidate fix applied in this process only (see
+:func:`what_if`), to size each fix. Results: ``bench/results/device_list.json`` and
+``device_list.png``.
 """
 
 from __future__ import annotations
@@ -173,9 +175,137 @@ def plot(results: dict[str, Any], path: Any) -> None:
     plt.close(fig)
 
 
+def sample_query(app: Any, client: Any, raw: psycopg.Connection[Any], auth: dict[str, str],
+                 args: dict[str, str], samples: int) -> dict[str, Any]:
+    """``samples`` requests of one page after a warm-up, each followed by its bare SQL."""
+    path = "/api/v1/devices?" + urlencode({**args, "limit": 50})
+    api, bare = [], []
+    statement: tuple[str, Any] | None = None
+    statement_count = items = 0
+    warmup = min(3, samples)
+    for i in range(samples + warmup):
+        with app.app_context(), captured_statements() as sent:
+            t0 = time.perf_counter()
+            response = client.get(path, headers=auth)
+            elapsed = time.perf_counter() - t0
+        if response.status_code != 200:
+            raise RuntimeError(f"{path}: {response.status_code} "
+                               f"{response.get_data(as_text=True)[:300]}")
+        if statement is None:
+            statement = search_statement(sent)
+            statement_count = len(sent)
+            items = len(response.get_json()["items"])
+        t1 = time.perf_counter()
+        raw.execute(statement[0], statement[1]).fetchall()  # type: ignore[arg-type]
+        bare_elapsed = time.perf_counter() - t1
+        raw.rollback()
+        if i >= warmup:  # warm-up discarded
+            api.append(elapsed)
+            bare.append(bare_elapsed)
+    assert statement is not None
+    plan = [line for line in explain(raw, *statement)
+            if "Scan" in line or "Join" in line or "Sort" in line][:6]
+    raw.rollback()
+    return {"query": args, "items": items, "statements_per_request": statement_count,
+            "api": summary_ms(api), "bare_sql": summary_ms(bare),
+            "ratio_p50": round(percentile(api, 50) / percentile(bare, 50), 1),
+            "plan": plan, "_api_seconds": api}
+
+
+@contextmanager
+def patched(target: Any, attribute: str, replacement: Any) -> Iterator[None]:
+    original = getattr(target, attribute)
+    setattr(target, attribute, replacement)
+    try:
+        yield
+    finally:
+        setattr(target, attribute, original)
+
+
+def what_if(app: Any, client: Any, raw: psycopg.Connection[Any], vendor: Any,
+            ids: list[uuid.UUID], samples: int) -> dict[str, Any]:
+    """The same pages with a candidate fix applied in this process only (monkeypatched or an
+    index added to the benchmark's own database), to size each fix before anyone makes it.
+    Nothing here changes the platform's code."""
+    from sqlalchemy import all_, any_, bindparam
+    from sqlalchemy.dialects.postgresql import ARRAY
+    from sqlalchemy.orm import selectinload
+    from sqlalchemy.types import Uuid
+
+    from core.redis import get_redis
+    from fleet import api as fleet_api
+    from fleet import presence, services
+    from fleet.models import Device
+
+    search = services.search_devices
+    base_queries = queries(ids)
+
+    def tags_in_one_query(tenant_id: Any, filters: Any, online_ids: Any = None) -> Any:
+        return search(tenant_id, filters, online_ids).options(selectinload(Device.tags))
+
+    def presence_of_page_only(devices: list[Any]) -> list[Any]:
+        if devices:
+            key = presence._key(devices[0].tenant_id, "online")
+            flags = get_redis().smismember(key, [str(d.id) for d in devices])
+            for device, flag in zip(devices, flags, strict=True):
+                device.online = bool(flag)
+        return devices
+
+    def online_as_one_array(tenant_id: Any, filters: Any, online_ids: Any = None) -> Any:
+        if filters.get("online") is None or online_ids is None:
+            return search(tenant_id, filters, online_ids)
+        stmt = search(tenant_id, {k: v for k, v in filters.items() if k != "online"}, None)
+        array = bindparam("online_ids", [uuid.UUID(i) for i in online_ids],
+                          type_=ARRAY(Uuid()))
+        return stmt.where(Device.id == any_(array) if filters["online"]
+                          else Device.id != all_(array))
+
+    def measure(labels: list[str]) -> dict[str, Any]:
+        out = {}
+        for label in labels:
+            r = sample_query(app, client, raw, vendor.auth, base_queries[label], samples)
+            r.pop("_api_seconds")
+            out[label] = {k: r[k] for k in ("statements_per_request", "api", "bare_sql",
+                                            "plan")}
+        return out
+
+    page_queries = ["first_page", "deep_cursor_90pct", "status_suspended", "tag"]
+    results: dict[str, Any] = {}
+    with patched(services, "search_devices", tags_in_one_query):
+        results["tags_selectinload"] = {
+            "change": "services.search_devices(...).options(selectinload(Device.tags))",
+            "pages": measure(page_queries)}
+    with patched(fleet_api, "_with_presence", presence_of_page_only):
+        results["presence_smismember_per_page"] = {
+            "change": "fleet.api._with_presence asks Redis SMISMEMBER for the page's ids "
+                      "instead of SMEMBERS of the whole online set",
+            "pages": measure(page_queries)}
+    with patched(services, "search_devices", tags_in_one_query), \
+            patched(fleet_api, "_with_presence", presence_of_page_only):
+        results["both"] = {"change": "the two above together", "pages": measure(page_queries)}
+    with patched(services, "search_devices", online_as_one_array):
+        results["online_filter_as_one_array"] = {
+            "change": "online filter as id = ANY(:uuid[]) / id <> ALL(:uuid[]) (one bound "
+                      "array instead of 10,000 bind parameters)",
+            "pages": measure(["online_true", "online_false"])}
+    raw.execute("CREATE INDEX bench_ix_devices_tenant_serial_pattern "
+                "ON devices (tenant_id, serial text_pattern_ops)")
+    raw.execute("CREATE INDEX bench_ix_devices_tenant_name_pattern "
+                "ON devices (tenant_id, name text_pattern_ops)")
+    raw.execute("ANALYZE devices")
+    raw.commit()
+    results["prefix_pattern_indexes"] = {
+        "change": "indexes (tenant_id, serial text_pattern_ops) and (tenant_id, name "
+                  "text_pattern_ops): LIKE 'prefix%' cannot use the existing btree indexes "
+                  "under the database's C.UTF-8 collation",
+        "pages": measure(["q_serial_prefix_100", "q_name_prefix_11", "q_no_match"])}
+    return results
+
+
 def run(devices: int = 100_000, samples: int = 40, *, other_tenant: int = 20_000,
         online_fraction: float = 0.1, database: str = "ensoul_bench_devices",
-        result_name: str | None = "device_list", keep_db: bool = False) -> dict[str, Any]:
+        result_name: str | None = "device_list", keep_db: bool = False,
+        with_what_if: bool = True) -> dict[str, Any]:
     from app import create_app
 
     prefix = new_redis_prefix("devices")
@@ -199,42 +329,11 @@ def run(devices: int = 100_000, samples: int = 40, *, other_tenant: int = 20_000
 
         client = app.test_client()
         results: dict[str, Any] = {}
-        all_api: list[float] = []
         for label, args in queries(ids).items():
-            path = "/api/v1/devices?" + urlencode({**args, "limit": 50})
-            api, bare = [], []
-            statement: tuple[str, Any] | None = None
-            statement_count = 0
-            warmup = min(3, samples)
-            for i in range(samples + warmup):
-                with app.app_context(), captured_statements() as sent:
-                    t0 = time.perf_counter()
-                    response = client.get(path, headers=vendor.auth)
-                    elapsed = time.perf_counter() - t0
-                if response.status_code != 200:
-                    raise RuntimeError(f"{path}: {response.status_code} "
-                                       f"{response.get_data(as_text=True)[:300]}")
-                if statement is None:
-                    statement = search_statement(sent)
-                    statement_count = len(sent)
-                    items = len(response.get_json()["items"])
-                t1 = time.perf_counter()
-                raw.execute(statement[0], statement[1]).fetchall()  # type: ignore[arg-type]
-                bare_elapsed = time.perf_counter() - t1
-                raw.rollback()
-                if i >= warmup:  # warm-up discarded
-                    api.append(elapsed)
-                    bare.append(bare_elapsed)
-            assert statement is not None
-            all_api.extend(api)
-            results[label] = {
-                "query": args, "items": items, "statements_per_request": statement_count,
-                "api": summary_ms(api), "bare_sql": summary_ms(bare),
-                "ratio_p50": round(percentile(api, 50) / percentile(bare, 50), 1),
-                "plan": [line for line in explain(raw, *statement)
-                         if "Scan" in line or "Join" in line or "Sort" in line][:6],
-            }
-            raw.rollback()
+            results[label] = sample_query(app, client, raw, vendor.auth, args, samples)
+        all_api = [x for r in results.values() for x in r.pop("_api_seconds")]
+        what_if_results = (what_if(app, client, raw, vendor, ids, samples) if with_what_if
+                           else None)
         worst = max(results, key=lambda k: results[k]["api"]["p95_ms"])
         payload: dict[str, Any] = {
             "command": f"python -m bench.device_list --devices {devices} --samples {samples}",
@@ -247,6 +346,8 @@ def run(devices: int = 100_000, samples: int = 40, *, other_tenant: int = 20_000
             "target_met": all(r["api"]["p95_ms"] < TARGET_P95_MS for r in results.values()),
             "queries": results,
         }
+        if what_if_results is not None:
+            payload["what_if"] = what_if_results
         if result_name:
             png = RESULTS_DIR / f"{result_name}.png"
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -271,10 +372,13 @@ def main() -> None:
                         help="recreated, then dropped (must start with ensoul_bench)")
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--result-name", default="device_list")
+    parser.add_argument("--no-what-if", action="store_true",
+                        help="skip re-measuring pages with candidate fixes applied")
     args = parser.parse_args()
     print(json.dumps(run(args.devices, args.samples, other_tenant=args.other_tenant,
                          database=args.database, keep_db=args.keep_db,
-                         result_name=args.result_name or None),
+                         result_name=args.result_name or None,
+                         with_what_if=not args.no_what_if),
                      indent=2))
 
 
