@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from core.queue import app_job
@@ -56,3 +57,22 @@ def retry_broker_access_sync() -> bool:
                 failure["error"])
     schedule_sync()
     return True
+
+
+@app_job
+def flush_presence() -> dict[str, int]:
+    """Copy presence (last seen, reported versions) from Redis to the devices rows."""
+    from fleet.presence import flush_to_database
+
+    report = flush_to_database()
+    log.info("presence flushed: %s", report)
+    return report
+
+
+def periodic_jobs(config: Mapping[str, Any]) -> list[tuple[int, Callable[[], Any]]]:
+    """``(every seconds, job)`` pairs the ``scheduler`` process enqueues."""
+    return [
+        (int(config["ENSOUL_PRESENCE_FLUSH_SECONDS"]), flush_presence),
+        (RECONCILE_SECONDS, reconcile_broker_access),
+        (RETRY_RELOAD_SECONDS, retry_broker_access_sync),
+    ]

@@ -24,13 +24,16 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from accounts.models import Tenant
 from core.db import db
+from core.embedded_broker import EmbeddedBroker
+from core.mqtt import MqttTarget, parse_mqtt_url
 from fleet import services
 from fleet.models import Device, HardwareKind, Product
 from tests.conftest import MosquittoInstance
 from tests.factories import TenantFactory
-from tests.support.waiting import wait_until
+from tests.support.waiting import free_port, wait_until
 
 TIMEOUT = 10.0
+V311 = {"protocol": paho.MQTTv311}  # amqtt speaks MQTT 3.1.1 only
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +56,17 @@ def broker_platform(base_app: Any, fleet_mosquitto: MosquittoInstance,
     for key, value in fleet_mosquitto.platform_config().items():
         monkeypatch.setitem(base_app.config, key, value)
     return fleet_mosquitto
+
+
+@pytest.fixture
+def embedded_broker(committed_app: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[MqttTarget]:
+    """The embedded profile's amqtt broker with the platform's access plugins, on a free port."""
+    monkeypatch.setitem(committed_app.config, "MQTT_URL", f"embedded://127.0.0.1:{free_port()}")
+    monkeypatch.setitem(committed_app.config, "ENSOUL_MQTT_ACCESS", "embedded")
+    broker = EmbeddedBroker(parse_mqtt_url(committed_app.config["MQTT_URL"]), app=committed_app)
+    broker.start()
+    yield broker.target
+    broker.stop()
 
 
 # --- the registry --------------------------------------------------------------------------

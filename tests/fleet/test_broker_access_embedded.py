@@ -3,33 +3,14 @@ auth and topic plugins: real paho clients (MQTT 3.1.1, amqtt's protocol) against
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import paho.mqtt.client as paho
-import pytest
-
 from core.db import db
-from core.embedded_broker import EmbeddedBroker
-from core.mqtt import parse_mqtt_url
 from fleet import services, tasks
 from fleet.broker_access import get_broker_access
 from fleet.broker_access.embedded import EmbeddedAccess
 from fleet.broker_access.rules import platform_target
-from tests.fleet.conftest import MqttClient, Provisioned, make_product, provision
-from tests.support.waiting import free_port
-
-V311 = {"protocol": paho.MQTTv311}
-
-
-@pytest.fixture
-def embedded_broker(committed_app: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    monkeypatch.setitem(committed_app.config, "MQTT_URL", f"embedded://127.0.0.1:{free_port()}")
-    monkeypatch.setitem(committed_app.config, "ENSOUL_MQTT_ACCESS", "embedded")
-    broker = EmbeddedBroker(parse_mqtt_url(committed_app.config["MQTT_URL"]))
-    broker.start()
-    yield broker.target
-    broker.stop()
+from tests.fleet.conftest import V311, MqttClient, Provisioned, make_product, provision
 
 
 def login(make: Any, target: Any, device: Provisioned, password: str | None = None) -> MqttClient:
