@@ -7,8 +7,12 @@ import os
 import signal
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.support.processes import ManagedProcess, flask_command
 from tests.support.waiting import free_port, port_open
@@ -22,12 +26,22 @@ def fetch(port: int, path: str) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
-def get(port: int, path: str) -> tuple[int, Any]:
+def get_json(port: int, path: str) -> tuple[int, Any]:
     status, body = fetch(port, path)
     return status, json.loads(body)
 
 
-def test_embedded_serve_boots_serves_and_stops(tmp_path: Path, log_dir: Path) -> None:
+@dataclass
+class EmbeddedServer:
+    process: ManagedProcess
+    port: int
+    mqtt_port: int
+    database: Path
+
+
+@pytest.fixture
+def embedded_server(tmp_path: Path, log_dir: Path) -> Iterator[EmbeddedServer]:
+    """``flask serve`` with no service URL, secret or SMTP server: the embedded defaults."""
     port, mqtt_port = free_port(), free_port()
     database = tmp_path / "embedded.db"
     process = ManagedProcess(
@@ -36,21 +50,25 @@ def test_embedded_serve_boots_serves_and_stops(tmp_path: Path, log_dir: Path) ->
              "MQTT_URL": f"embedded://127.0.0.1:{mqtt_port}"},
         ready=lambda: port_open("127.0.0.1", port))
     for key in ("REDIS_URL", "SECRET_KEY", "ENSOUL_ENCRYPTION_KEY", "ENSOUL_SMTP_HOST"):
-        process.env.pop(key, None)  # nothing external, no secrets: the embedded defaults
+        process.env.pop(key, None)
     process.start(timeout=60)
     try:
-        assert get(port, "/healthz") == (200, {"status": "ok"})
-        status, body = get(port, "/readyz")
-        assert status == 200, (body, process.output()[-2000:])
-        assert body["checks"] == {"database": "ok", "redis": "ok", "mqtt": "ok"}
-        assert port_open("127.0.0.1", mqtt_port)  # the in-process broker
-        assert database.exists()  # migrated on start
-        status, page = fetch(port, "/login")
-        assert status == 200, page[-2000:]
-        assert 'type="password"' in page and 'name="csrf_token"' in page
+        yield EmbeddedServer(process, port, mqtt_port, database)
     finally:
-        process.signal(signal.SIGTERM)
-        code = process.stop(timeout=20)
-    assert code == 0, process.output()[-3000:]
-    assert not port_open("127.0.0.1", port)
-    assert os.path.getsize(database) > 0
+        process.kill9()  # only if a test left it running
+
+
+def test_embedded_serve_boots_serves_and_stops(embedded_server: EmbeddedServer) -> None:
+    server = embedded_server
+    assert get_json(server.port, "/healthz") == (200, {"status": "ok"})
+    status, page = fetch(server.port, "/login")
+    assert status == 200, page[-2000:]
+    assert 'type="password"' in page and 'name="csrf_token"' in page
+    assert port_open("127.0.0.1", server.mqtt_port)  # the in-process broker
+    assert os.path.getsize(server.database) > 0  # migrated on start
+
+    server.process.signal(signal.SIGTERM)
+    code = server.process.stop(timeout=20)
+    assert code == 0, server.process.output()[-3000:]
+    assert not port_open("127.0.0.1", server.port)
+    assert not port_open("127.0.0.1", server.mqtt_port)
