@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pytest
 
 from core.db import db
+from core.mqtt import new_client, parse_mqtt_url
 from core.redis import get_redis, name
 from fleet import services, tasks
 from fleet.access import SYNC_QUEUED_KEY
@@ -317,3 +320,28 @@ def test_tls_refuses_a_wrong_password_too(fleet: Fleet, broker_platform: Mosquit
                                           mqtt_clients: Any) -> None:
     client = mqtt_clients(broker_platform, fleet.a.username, "wrong", tls=True)
     assert str(client.connect()) in REFUSED
+
+
+def test_the_project_config_turns_nagle_off_and_listens_with_tls(
+        broker_platform: MosquittoInstance) -> None:
+    rendered = broker_platform.config_file.read_text().splitlines()
+    assert "set_tcp_nodelay true" in rendered
+    assert "allow_anonymous false" in rendered
+    assert f"listener {broker_platform.tls_port} {broker_platform.host}" in rendered
+    assert f"certfile {broker_platform.certificates.cert_file}" in rendered
+
+
+def test_platform_clients_set_tcp_nodelay(broker_platform: MosquittoInstance) -> None:
+    client = new_client("ensoul-test-nodelay", parse_mqtt_url(broker_platform.url))
+    connected = threading.Event()
+    client.on_connect = lambda *args: connected.set()
+    client.connect(broker_platform.host, broker_platform.port)
+    client.loop_start()
+    try:
+        wait_until(connected.is_set, 10, what="CONNACK")
+        sock = client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        client.disconnect()
+        client.loop_stop()
