@@ -47,7 +47,6 @@ SHARE_GROUP = "ensoul-presence"
 OFFLINE = json.dumps({"state": "offline"})
 KINDS = ("status", "state")
 MAX_PAYLOAD = 4096
-STATE_VERSION_FIELDS = ("firmware_version", "config_version")
 VERSION_MAX = 64  # the devices columns' width
 UNKNOWN_DEVICE_TTL = 60.0
 FLUSH_BATCH = 1000

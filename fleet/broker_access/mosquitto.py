@@ -55,16 +55,15 @@ class ReloadFailed(RuntimeError):
 
 @dataclass
 class _Tally:
-    """Entries written, and against the previous file (reconcile only) what differs."""
+    """Devices written, and against the previous file (reconcile only) what differs."""
 
     previous: dict[str, str] | None
-    written: int = 0
+    devices: int = 0
     added: int = 0
     updated: int = 0
     seen: set[str] = field(default_factory=set)
 
     def count(self, username: str, password_hash: str) -> None:
-        self.written += 1
         if self.previous is None:
             return
         self.seen.add(username)
@@ -125,15 +124,14 @@ class MosquittoFiles:
         passwords_changed = self._replace_if_changed(self.password_path,
                                                      self._password_lines(tally))
         acl_changed = self._replace_if_changed(self.acl_path, self.acl_lines())
-        devices = tally.written - (1 if self.service else 0)
-        report: dict[str, Any] = {"devices": devices,
+        report: dict[str, Any] = {"devices": tally.devices,
                                   "changed": passwords_changed or acl_changed,
                                   "reloaded": False}
         if detailed:
             report.update(added=tally.added, updated=tally.updated, removed=tally.removed,
                           acl_rewritten=acl_changed)
         if self.pending_marker.exists():
-            self._reload(devices)
+            self._reload(tally.devices)
             report["reloaded"] = True
         return report
 
@@ -155,6 +153,7 @@ class MosquittoFiles:
                 log.error("device %s has a malformed password hash; left out", device_id)
                 continue
             username = f"{tenant_id}/d/{device_id}"  # Device.mqtt_username
+            tally.devices += 1
             tally.count(username, password_hash)
             yield f"{username}:{password_hash}\n"
 
