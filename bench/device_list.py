@@ -24,7 +24,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 from urllib.parse import urlencode
 
@@ -175,6 +175,18 @@ def plot(results: dict[str, Any], path: Any) -> None:
     plt.close(fig)
 
 
+def one_request(app: Any, client: Any, auth: dict[str, str],
+                path: str) -> tuple[float, list[tuple[str, Any]]]:
+    with app.app_context(), captured_statements() as sent:
+        started = time.perf_counter()
+        response = client.get(path, headers=auth)
+        elapsed = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"{path}: {response.status_code} "
+                           f"{response.get_data(as_text=True)[:300]}")
+    return elapsed, sent
+
+
 def sample_query(app: Any, client: Any, raw: psycopg.Connection[Any], auth: dict[str, str],
                  args: dict[str, str], samples: int) -> dict[str, Any]:
     """``samples`` requests of one page after a warm-up, each followed by its bare SQL."""
@@ -184,17 +196,11 @@ def sample_query(app: Any, client: Any, raw: psycopg.Connection[Any], auth: dict
     statement_count = items = 0
     warmup = min(3, samples)
     for i in range(samples + warmup):
-        with app.app_context(), captured_statements() as sent:
-            t0 = time.perf_counter()
-            response = client.get(path, headers=auth)
-            elapsed = time.perf_counter() - t0
-        if response.status_code != 200:
-            raise RuntimeError(f"{path}: {response.status_code} "
-                               f"{response.get_data(as_text=True)[:300]}")
+        elapsed, sent = one_request(app, client, auth, path)
         if statement is None:
             statement = search_statement(sent)
             statement_count = len(sent)
-            items = len(response.get_json()["items"])
+            items = len(client.get(path, headers=auth).get_json()["items"])
         t1 = time.perf_counter()
         raw.execute(statement[0], statement[1]).fetchall()  # type: ignore[arg-type]
         bare_elapsed = time.perf_counter() - t1
@@ -224,9 +230,11 @@ def patched(target: Any, attribute: str, replacement: Any) -> Iterator[None]:
 
 def what_if(app: Any, client: Any, raw: psycopg.Connection[Any], vendor: Any,
             ids: list[uuid.UUID], samples: int) -> dict[str, Any]:
-    """The same pages with a candidate fix applied in this process only (monkeypatched or an
+    """The same pages with a candidate fix applied in this process only (monkeypatched, or an
     index added to the benchmark's own database), to size each fix before anyone makes it.
-    Nothing here changes the platform's code."""
+    Nothing here changes the platform's code. Monkeypatched variants are interleaved request
+    by request with the platform as it is; the indexes are measured just before and after
+    they are created."""
     from sqlalchemy import all_, any_, bindparam
     from sqlalchemy.dialects.postgresql import ARRAY
     from sqlalchemy.orm import selectinload
@@ -260,45 +268,78 @@ def what_if(app: Any, client: Any, raw: psycopg.Connection[Any], vendor: Any,
         return stmt.where(Device.id == any_(array) if filters["online"]
                           else Device.id != all_(array))
 
-    def measure(labels: list[str]) -> dict[str, Any]:
-        out = {}
+    def interleaved(labels: list[str], variants: dict[str, list[tuple[Any, str, Any]]]
+                    ) -> dict[str, Any]:
+        """Each sample runs every variant in turn (rotating the order), so the machine's
+        noise falls on the platform as it is and on each fix alike."""
+        out: dict[str, Any] = {}
+        names = list(variants)
         for label in labels:
-            r = sample_query(app, client, raw, vendor.auth, base_queries[label], samples)
-            r.pop("_api_seconds")
-            out[label] = {k: r[k] for k in ("statements_per_request", "api", "bare_sql",
-                                            "plan")}
+            path = "/api/v1/devices?" + urlencode({**base_queries[label], "limit": 50})
+            seconds: dict[str, list[float]] = {n: [] for n in names}
+            statements: dict[str, int] = {}
+            warmup = min(3, samples)
+            for i in range(samples + warmup):
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    with ExitStack() as stack:
+                        for target, attribute, replacement in variants[name]:
+                            stack.enter_context(patched(target, attribute, replacement))
+                        elapsed, sent = one_request(app, client, vendor.auth, path)
+                    statements.setdefault(name, len(sent))
+                    if i >= warmup:
+                        seconds[name].append(elapsed)
+            as_is = percentile(seconds[names[0]], 50)
+            out[label] = {name: {"statements_per_request": statements[name],
+                                 "api": summary_ms(seconds[name]),
+                                 "p50_vs_as_is": round(percentile(seconds[name], 50) / as_is,
+                                                       2)}
+                          for name in names}
         return out
 
-    page_queries = ["first_page", "deep_cursor_90pct", "status_suspended", "tag"]
-    results: dict[str, Any] = {}
-    with patched(services, "search_devices", tags_in_one_query):
-        results["tags_selectinload"] = {
-            "change": "services.search_devices(...).options(selectinload(Device.tags))",
-            "pages": measure(page_queries)}
-    with patched(fleet_api, "_with_presence", presence_of_page_only):
-        results["presence_smismember_per_page"] = {
-            "change": "fleet.api._with_presence asks Redis SMISMEMBER for the page's ids "
-                      "instead of SMEMBERS of the whole online set",
-            "pages": measure(page_queries)}
-    with patched(services, "search_devices", tags_in_one_query), \
-            patched(fleet_api, "_with_presence", presence_of_page_only):
-        results["both"] = {"change": "the two above together", "pages": measure(page_queries)}
-    with patched(services, "search_devices", online_as_one_array):
-        results["online_filter_as_one_array"] = {
-            "change": "online filter as id = ANY(:uuid[]) / id <> ALL(:uuid[]) (one bound "
-                      "array instead of 10,000 bind parameters)",
-            "pages": measure(["online_true", "online_false"])}
+    tags = (services, "search_devices", tags_in_one_query)
+    page_presence = (fleet_api, "_with_presence", presence_of_page_only)
+    results: dict[str, Any] = {
+        "changes": {
+            "tags_selectinload": "services.search_devices(...).options("
+                                 "selectinload(Device.tags)): one query for the page's tags",
+            "presence_smismember_per_page": "fleet.api._with_presence asks Redis SMISMEMBER "
+                                            "for the page's ids instead of SMEMBERS of the "
+                                            "whole online set",
+            "online_filter_as_one_array": "online filter as id = ANY(:uuid[]) / id <> "
+                                          "ALL(:uuid[]): one bound array instead of one bind "
+                                          "parameter per online device",
+            "prefix_pattern_indexes": "indexes (tenant_id, serial text_pattern_ops) and "
+                                      "(tenant_id, name text_pattern_ops): LIKE 'prefix%' "
+                                      "cannot use the existing btree indexes under the "
+                                      "database's C.UTF-8 collation",
+        },
+        "pages": interleaved(["first_page", "deep_cursor_90pct", "status_suspended", "tag"], {
+            "as_is": [], "tags_selectinload": [tags],
+            "presence_smismember_per_page": [page_presence],
+            "both": [tags, page_presence]}),
+        "online": interleaved(["online_true", "online_false"], {
+            "as_is": [],
+            "online_filter_as_one_array": [(services, "search_devices", online_as_one_array)],
+            "all_three": [(services, "search_devices",
+                           lambda *a, **k: online_as_one_array(*a, **k).options(
+                               selectinload(Device.tags))), page_presence]}),
+    }
+    prefix_labels = ["q_serial_prefix_100", "q_name_prefix_11", "q_no_match"]
+    before = {label: sample_query(app, client, raw, vendor.auth, base_queries[label],
+                                  samples) for label in prefix_labels}
     raw.execute("CREATE INDEX bench_ix_devices_tenant_serial_pattern "
                 "ON devices (tenant_id, serial text_pattern_ops)")
     raw.execute("CREATE INDEX bench_ix_devices_tenant_name_pattern "
                 "ON devices (tenant_id, name text_pattern_ops)")
     raw.execute("ANALYZE devices")
     raw.commit()
-    results["prefix_pattern_indexes"] = {
-        "change": "indexes (tenant_id, serial text_pattern_ops) and (tenant_id, name "
-                  "text_pattern_ops): LIKE 'prefix%' cannot use the existing btree indexes "
-                  "under the database's C.UTF-8 collation",
-        "pages": measure(["q_serial_prefix_100", "q_name_prefix_11", "q_no_match"])}
+    after = {label: sample_query(app, client, raw, vendor.auth, base_queries[label], samples)
+             for label in prefix_labels}
+    results["prefix_search"] = {
+        label: {"before": {k: before[label][k] for k in ("api", "bare_sql", "plan")},
+                "with_pattern_indexes": {k: after[label][k] for k in ("api", "bare_sql",
+                                                                      "plan")}}
+        for label in prefix_labels}
     return results
 
 
