@@ -62,6 +62,28 @@ ERROR_MESSAGES: dict[str, LazyString] = {
                                 "and try again."),
     "unavailable": lazy_gettext("A service the platform needs is unavailable. Try again soon."),
     "internal": lazy_gettext("Something went wrong on our side. It has been logged."),
+    # fleet
+    "product_exists": lazy_gettext("A product with this name exists."),
+    "duplicate_serial": lazy_gettext("A device with this serial exists."),
+    "duplicate_mac": lazy_gettext("A device with this MAC address exists."),
+    "invalid_status_transition": lazy_gettext("The device cannot do that in its current "
+                                              "status."),
+    "device_suspended": lazy_gettext("The device is suspended."),
+    "device_retired": lazy_gettext("The device is retired."),
+    "activation_refused": lazy_gettext("The activation was refused."),
+    "activation_code_invalid": lazy_gettext("No device shows this code."),
+    "activation_code_used": lazy_gettext("This code was already claimed."),
+    "activation_code_expired": lazy_gettext("This code has expired. Restart the device to get "
+                                            "a new one."),
+    "import_invalid": lazy_gettext("The file has errors; nothing was imported."),
+    "import_columns": lazy_gettext("The header row must name the columns: serial (required), "
+                                   "mac, name, group, tags, hardware_key."),
+    "import_encoding": lazy_gettext("The file is not UTF-8 text."),
+    "import_not_csv": lazy_gettext("This is not a CSV file."),
+    "import_empty": lazy_gettext("The file has no devices."),
+    "credentials_already_downloaded": lazy_gettext("The credentials file was already "
+                                                   "downloaded. It can be downloaded only once."),
+    "no_credentials_file": lazy_gettext("This import issued no credentials."),
 }
 
 # Field messages the services use, marked here so the catalogues carry their translations.
