@@ -26,3 +26,7 @@ class FreshRequestClient(CommittingClient):
 def client(app: Any) -> Any:
     app.test_client_class = FreshRequestClient
     return app.test_client()
+
+
+# Fixtures of the fleet pages' tests (tests/portal/test_portal_fleet_*.py).
+from tests.portal.fleet_helpers import other_vendor, refusing_hook, vendor  # noqa: E402, F401
