@@ -10,6 +10,8 @@ import uuid
 from typing import Any
 
 from sqlalchemy import func, select
+from werkzeug.datastructures import FileStorage
+from werkzeug.test import encode_multipart
 
 from accounts.models import Role
 from core.db import db
@@ -26,12 +28,17 @@ GOOD = ("serial,mac,name,group,tags\n"
 
 def upload(client: Any, vendor: Vendor, data: str | bytes, *, filename: str = "devices.csv",
            **options: bool) -> Any:
-    body = data.encode() if isinstance(data, str) else data
+    """POST the import form. The body is encoded here: werkzeug's test client would spool a
+    large one to a temporary file that it never closes."""
+    content = data.encode() if isinstance(data, str) else data
     form: dict[str, Any] = {"csrf_token": csrf(client, "/fleet/imports"),
                             "product_id": str(vendor.product.id),
-                            "file": (io.BytesIO(body), filename)}
+                            "file": FileStorage(io.BytesIO(content), filename=filename,
+                                                content_type="text/csv")}
     form.update({name: "y" for name, on in options.items() if on})
-    return client.post("/fleet/imports", data=form, content_type="multipart/form-data")
+    boundary, body = encode_multipart(form)
+    return client.post("/fleet/imports", data=body,
+                       content_type=f"multipart/form-data; boundary={boundary}")
 
 
 def device_count() -> int:
