@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from config.settings import PROJECT_ROOT
 from core.db import db
+from core.mqtt import parse_mqtt_url
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ def check_database() -> None:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        assert db.engine is not None
         with db.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except OperationalError as exc:
@@ -104,13 +104,12 @@ def register(app: Flask) -> None:
     @with_appcontext
     def broker() -> None:
         """The broker process: tracks device presence (inference brokering joins it later)."""
-        from fleet.broker_access.rules import platform_target
         from fleet.presence import PresenceTracker
 
         if current_app.config["EMBEDDED"]:
             raise click.ClickException("the embedded profile tracks presence inside `serve`")
         stop = GracefulStop()
-        target = platform_target(current_app.config)
+        target = parse_mqtt_url(current_app.config["MQTT_URL"])
         tracker = PresenceTracker(current_app._get_current_object(),  # type: ignore[attr-defined]
                                   target, shared=True)
         tracker.start()
@@ -185,11 +184,10 @@ def run_periodic(app: Flask, stop: threading.Event) -> None:
 @contextlib.contextmanager
 def _embedded_background(app: Flask) -> Iterator[None]:
     """What the Procfile's broker and scheduler do, as threads of the embedded server."""
-    from fleet.broker_access.rules import platform_target
     from fleet.presence import PresenceTracker
 
     stop = threading.Event()
-    tracker = PresenceTracker(app, platform_target(app.config), shared=False)
+    tracker = PresenceTracker(app, parse_mqtt_url(app.config["MQTT_URL"]), shared=False)
     tracker.start()  # paho retries until the embedded broker listens
     periodic = threading.Thread(target=run_periodic, args=(app, stop), name="periodic",
                                 daemon=True)

@@ -9,7 +9,7 @@ registry change (the embedded profile runs jobs in-process). amqtt cannot discon
 from a plugin, so a revoked device that is still connected is not kicked: from the next sync on
 everything it publishes or subscribes is refused and nothing is delivered to it.
 
-The platform's own clients log in as the service account of :func:`rules.service_account`.
+The platform's own clients log in with the credentials in ``MQTT_URL`` (made up per process).
 """
 
 from __future__ import annotations

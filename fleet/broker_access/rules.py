@@ -11,20 +11,17 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import re
-import secrets
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, select
 
 from core.db import db
-from core.mqtt import MqttTarget, parse_mqtt_url
+from core.mqtt import parse_mqtt_url
 from fleet.models import Device, DeviceStatus
 
-EMBEDDED_SERVICE_USER = "ensoul-platform"
-EMBEDDED_PASSWORD_KEY = "ENSOUL_EMBEDDED_MQTT_PASSWORD"  # noqa: S105 - a config key
 NO_ACCESS = (DeviceStatus.SUSPENDED, DeviceStatus.RETIRED)
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 DEVICE_USERNAME_RE = re.compile(rf"^({_UUID})/d/({_UUID})$")
@@ -42,29 +39,12 @@ class ServiceAccount:
 
 
 def service_account(config: Mapping[str, Any]) -> ServiceAccount | None:
-    """The platform's login: from ``MQTT_URL``, or generated per process for the embedded broker.
-
-    The embedded ``MQTT_URL`` carries no credentials; the broker and the platform's clients run
-    in one process and share a random password kept in the app config.
-    """
+    """The platform's own login, from ``MQTT_URL`` (the embedded profile makes one up per
+    process: ``config.settings``)."""
     target = parse_mqtt_url(config["MQTT_URL"])
-    if target.embedded:
-        password = config.get(EMBEDDED_PASSWORD_KEY)
-        if password is None and isinstance(config, dict):
-            password = config.setdefault(EMBEDDED_PASSWORD_KEY, secrets.token_urlsafe(24))
-        return ServiceAccount(EMBEDDED_SERVICE_USER, password) if password else None
     if target.username and target.password:
         return ServiceAccount(target.username, target.password)
     return None
-
-
-def platform_target(config: Mapping[str, Any]) -> MqttTarget:
-    """Where and as whom the platform's own clients connect (the embedded login filled in)."""
-    target = parse_mqtt_url(config["MQTT_URL"])
-    account = service_account(config)
-    if target.embedded and account is not None:
-        return replace(target, username=account.username, password=account.password)
-    return target
 
 
 def service_may(topic: str) -> bool:

@@ -61,7 +61,8 @@ def broker_platform(base_app: Any, fleet_mosquitto: MosquittoInstance,
 @pytest.fixture
 def embedded_broker(committed_app: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[MqttTarget]:
     """The embedded profile's amqtt broker with the platform's access plugins, on a free port."""
-    monkeypatch.setitem(committed_app.config, "MQTT_URL", f"embedded://127.0.0.1:{free_port()}")
+    monkeypatch.setitem(committed_app.config, "MQTT_URL",
+                        f"embedded://ensoul-platform:{uuid.uuid4().hex}@127.0.0.1:{free_port()}")
     monkeypatch.setitem(committed_app.config, "ENSOUL_MQTT_ACCESS", "embedded")
     broker = EmbeddedBroker(parse_mqtt_url(committed_app.config["MQTT_URL"]), app=committed_app)
     broker.start()
@@ -237,6 +238,16 @@ def mqtt_clients() -> Iterator[Callable[..., MqttClient]]:
     yield _make
     for client in made:
         client.close()
+
+
+def log_in(make: Callable[..., MqttClient], broker: Any, username: str, password: str,
+           **options: Any) -> MqttClient:
+    """A client that logged in, retried while a just-signalled Mosquitto reload is pending."""
+    def attempt() -> MqttClient | None:
+        client = make(broker, username, password, **options)
+        return None if client.connect().is_failure else client
+
+    return wait_until(attempt, TIMEOUT, what=f"{username} to log in")
 
 
 def service_client(make: Callable[..., MqttClient], instance: MosquittoInstance,

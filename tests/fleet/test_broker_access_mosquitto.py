@@ -32,6 +32,7 @@ from tests.conftest import MosquittoInstance
 from tests.fleet.conftest import (
     MqttClient,
     Provisioned,
+    log_in,
     make_product,
     provision,
     service_client,
@@ -48,21 +49,20 @@ class Fleet(NamedTuple):
 
 
 @pytest.fixture
-def fleet(app: Any, broker_platform: MosquittoInstance) -> Fleet:
+def fleet(app: Any, broker_platform: MosquittoInstance, mqtt_clients: Any) -> Fleet:
     product = make_product()
     devices = Fleet(provision(product), provision(product), provision(make_product()))
     MosquittoFiles.from_config(app.config).sync()
+    connect_device(mqtt_clients, broker_platform, devices.c)  # the reload has been applied
     return devices
 
 
 def connect_device(make: Callable[..., MqttClient], instance: MosquittoInstance,
                    device: Provisioned, password: str | None = None, **options: Any
                    ) -> MqttClient:
-    client = make(instance, device.username, password or device.password,
+    """Log in as the device (SIGHUP is handled in Mosquitto's next loop, not at once)."""
+    return log_in(make, instance, device.username, password or device.password,
                   client_id=device.client_id, **options)
-    reason = client.connect()
-    assert not reason.is_failure, reason
-    return client
 
 
 def test_sync_writes_both_files_reloads_and_the_device_logs_in(

@@ -12,13 +12,20 @@ from typing import Any
 import pytest
 
 from core.db import db
+from core.mqtt import parse_mqtt_url
 from fleet import presence, services, tasks
 from fleet.broker_access.mosquitto import MosquittoFiles
-from fleet.broker_access.rules import platform_target
 from fleet.models import Device
 from fleet.presence import PresenceTracker
 from tests.conftest import MosquittoInstance
-from tests.fleet.conftest import V311, MqttClient, Provisioned, make_product, provision
+from tests.fleet.conftest import (
+    V311,
+    MqttClient,
+    Provisioned,
+    log_in,
+    make_product,
+    provision,
+)
 from tests.support.waiting import wait_until
 
 ONLINE = json.dumps({"state": "online"})
@@ -31,7 +38,7 @@ def start_tracker(committed_app: Any, broker_platform: MosquittoInstance
     started: list[PresenceTracker] = []
 
     def _start() -> PresenceTracker:
-        tracker = PresenceTracker(committed_app, platform_target(committed_app.config))
+        tracker = PresenceTracker(committed_app, parse_mqtt_url(committed_app.config["MQTT_URL"]))
         tracker.start()
         started.append(tracker)
         wait_until(tracker.subscribed.is_set, 10, what="the tracker's subscriptions")
@@ -44,10 +51,15 @@ def start_tracker(committed_app: Any, broker_platform: MosquittoInstance
 
 def online_device(make: Callable[..., MqttClient], instance: MosquittoInstance,
                   device: Provisioned) -> MqttClient:
-    """Connect as firmware should: last will first, then the retained online status."""
-    client = make(instance, device.username, device.password, client_id=device.client_id)
-    client.set_will(device.topic("status"), OFFLINE, qos=1, retain=True)
-    assert not client.connect().is_failure
+    """Connect as firmware should: last will first, then the retained online status.
+
+    Retried until Mosquitto has applied the reload the test's sync just signalled."""
+    def attempt() -> MqttClient | None:
+        client = make(instance, device.username, device.password, client_id=device.client_id)
+        client.set_will(device.topic("status"), OFFLINE, qos=1, retain=True)
+        return None if client.connect().is_failure else client
+
+    client = wait_until(attempt, 10, what=f"{device.username} to log in")
     assert not client.publish(device.topic("status"), ONLINE, retain=True).is_failure
     return client
 
@@ -168,8 +180,8 @@ def test_foreign_topics_and_malformed_payloads_are_counted_and_skipped(
     observer = mqtt_clients(broker_platform, broker_platform.service_user,
                             broker_platform.service_password)
     observer.connect()
-    device = mqtt_clients(broker_platform, a.username, a.password, client_id=a.client_id)
-    device.connect()
+    device = log_in(mqtt_clients, broker_platform, a.username, a.password,
+                    client_id=a.client_id)
 
     ghost = f"t/{uuid.uuid4()}/d/{uuid.uuid4()}/status"
     observer.publish(ghost, ONLINE)
@@ -196,7 +208,8 @@ def test_the_trackers_socket_has_tcp_nodelay(committed_app: Any, start_tracker: 
 def test_the_embedded_broker_tracks_presence_with_a_plain_subscription(
         committed_app: Any, embedded_broker: Any, mqtt_clients: Any) -> None:
     a = provision(make_product())
-    tracker = PresenceTracker(committed_app, platform_target(committed_app.config), shared=False)
+    target = parse_mqtt_url(committed_app.config["MQTT_URL"])
+    tracker = PresenceTracker(committed_app, target, shared=False)
     tracker.start()
     try:
         wait_until(tracker.subscribed.is_set, 10, what="the tracker's subscriptions")

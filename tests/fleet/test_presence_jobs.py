@@ -25,7 +25,7 @@ from fleet.broker_access.mosquitto import MosquittoFiles
 from fleet.models import Device
 from fleet.presence import PresenceTracker, record
 from tests.conftest import MosquittoInstance
-from tests.fleet.conftest import make_product, provision
+from tests.fleet.conftest import log_in, make_product, provision
 from tests.support.processes import ManagedProcess, flask_command
 from tests.support.waiting import wait_until
 
@@ -130,14 +130,13 @@ def test_the_broker_process_tracks_presence(committed_app: Any,
     a = provision(make_product())
     MosquittoFiles.from_config(committed_app.config).sync()
     broker_process.start(timeout=30)
-    device = mqtt_clients(broker_platform, a.username, a.password, client_id=a.client_id)
-    device.set_will(a.topic("status"), json.dumps({"state": "offline"}))
-    device.connect()
+    device = log_in(mqtt_clients, broker_platform, a.username, a.password,
+                    client_id=a.client_id)
     device.publish(a.topic("status"), json.dumps({"state": "online"}), retain=True)
 
     tenant_id, device_id = ids(a.device)
     wait_until(lambda: presence.is_online(tenant_id, device_id), 15,
                what="the broker process to record the device online")
-    device.kill()
+    device.publish(a.topic("status"), json.dumps({"state": "offline"}), retain=True)
     wait_until(lambda: not presence.is_online(tenant_id, device_id), 15, what="offline")
     assert broker_process.stop() == 0, broker_process.output()[-2000:]
