@@ -24,7 +24,6 @@ from portal.fleet_forms import DeviceEditForm, TransferForm, apply_fleet_error, 
 from portal.labels import error_text
 
 HISTORY_PAGE = 50
-ACTIONS = ("activate", "suspend", "resume", "retire", "reset")
 DONE: dict[str, LazyString] = {
     "activate": _l("%(serial)s is active."),
     "suspend": _l("%(serial)s is suspended: it cannot use the broker until it is resumed."),

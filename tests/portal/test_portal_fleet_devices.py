@@ -252,6 +252,7 @@ def test_a_viewer_can_look_but_not_act(client: Any, vendor: Vendor) -> None:
 def test_operations_may_add_devices(client: Any, vendor: Vendor) -> None:
     log_in_as(client, vendor, Role.OPERATIONS)
     assert 'data-testid="nav-fleet"' in text(client.get("/"))
+    assert client.get("/fleet").headers["Location"] == "/fleet/devices"
     assert client.get("/fleet/devices/new").status_code == 200
 
 
