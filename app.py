@@ -48,10 +48,10 @@ def create_app(config_override: dict[str, Any] | None = None) -> Flask:
         configure_logging(settings["ENSOUL_LOG_JSON"], settings["ENSOUL_LOG_LEVEL"])
     db.init_app(app)
     redis_ext.init_app(app)
+    web.init_app(app)  # first: the request id is set before any other hook can answer
     csrf.init_app(app)
     ratelimit.init_app(app)
     init_i18n(app)
-    web.init_app(app)
 
     from accounts import auth
 
@@ -66,16 +66,14 @@ def _register_blueprints(app: Flask) -> None:
     from accounts.api import blp as accounts_api
     from core.api import api
     from core.health import bp as health_bp
-    from core.ratelimit import client_ip, limiter
+    from core.ratelimit import limit_api
     from fleet.api import blp as fleet_api
     from fleet.bootstrap_api import blp as bootstrap_bp
     from fleet.broker_access.http import bp as mqtt_hooks_bp
     from portal.views import bp as portal_bp
 
     for blueprint in (accounts_api, fleet_api):
-        limiter.limit(lambda: app.config["ENSOUL_API_RATE_LIMIT"])(blueprint)
-        limiter.limit(lambda: app.config["ENSOUL_API_IP_RATE_LIMIT"],
-                      key_func=lambda: "ip:" + client_ip())(blueprint)
+        limit_api(blueprint)
         csrf.exempt(blueprint)
         api.register_blueprint(blueprint)
     csrf.exempt(bootstrap_bp)

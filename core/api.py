@@ -5,10 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 import marshmallow as ma
+from flask import Request
 from flask_smorest import Api as SmorestApi
 from flask_smorest import Blueprint
+from webargs.multidictproxy import MultiDictProxy
+from werkzeug.datastructures import CombinedMultiDict
 
 API_PREFIX = "/api/v1"
+
+
+@Blueprint.ARGUMENTS_PARSER.location_loader("form_and_files")
+def _load_form_and_files(request: Request, schema: ma.Schema) -> MultiDictProxy:
+    """Multipart uploads: form fields and files in one schema, documented as one body."""
+    return MultiDictProxy(CombinedMultiDict([request.form, request.files]), schema)
+
+
+Blueprint.DEFAULT_LOCATION_CONTENT_TYPE_MAPPING["form_and_files"] = "multipart/form-data"
 
 
 class ErrorBodySchema(ma.Schema):

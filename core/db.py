@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flask import Flask
+from flask import Flask, current_app
 from sqlalchemy import DateTime, MetaData, Uuid, create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
@@ -67,22 +67,39 @@ class Timestamped:
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class AppSession(OrmSession):
+    """Uses the engine of the app in context, unless bound explicitly (tests bind a connection).
+
+    Several apps can then live in one process (tests, tools), each with its own database.
+    """
+
+    def get_bind(self, *args: Any, **kwargs: Any) -> Any:
+        if self.bind is not None:
+            return self.bind
+        return current_app.extensions["ensoul_db_engine"]
+
+
 class Database:
-    """Engine and scoped session bound to a Flask app (an unbound extension)."""
+    """The scoped session and the per-app engines (an unbound extension)."""
 
     def __init__(self) -> None:
-        self.engine: Engine | None = None
-        self._factory = sessionmaker(expire_on_commit=False)
-        self.session: scoped_session[OrmSession] = scoped_session(self._factory)
+        self._factory = sessionmaker(class_=AppSession, expire_on_commit=False)
+        self.session: scoped_session[AppSession] = scoped_session(self._factory)
 
     def init_app(self, app: Flask) -> None:
-        self.engine = make_engine(app.config["DATABASE_URL"], app.config)
-        self._factory.configure(bind=self.engine)
+        app.extensions["ensoul_db_engine"] = make_engine(app.config["DATABASE_URL"], app.config)
         app.extensions["ensoul_db"] = self
         app.teardown_appcontext(self._remove_session)
 
-    def bind(self, bind: Engine | Connection, **options: Any) -> None:
-        """Rebind the session factory (tests bind to one connection in an outer transaction)."""
+    @property
+    def engine(self) -> Engine:
+        """The current app's engine."""
+        engine: Engine = current_app.extensions["ensoul_db_engine"]
+        return engine
+
+    def bind(self, bind: Engine | Connection | None, **options: Any) -> None:
+        """Bind every session to ``bind`` (tests: one connection in an outer transaction);
+        ``None`` goes back to the app's engine."""
         self.session.remove()
         self._factory.configure(bind=bind, **options)
 

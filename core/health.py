@@ -10,7 +10,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
 from core.db import db
-from core.mqtt import check_reachable, parse_mqtt_url
+from core.mqtt import check_reachable, platform_target
 from core.redis import get_redis
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def readyz() -> ResponseReturnValue:
         "database": _check("database", lambda: db.session.execute(text("SELECT 1"))),
         "redis": _check("redis", lambda: get_redis().ping()),
         "mqtt": _check(
-            "mqtt", lambda: check_reachable(parse_mqtt_url(current_app.config["MQTT_URL"]))
+            "mqtt", lambda: check_reachable(platform_target(current_app.config))
         ),
     }
     ready = all(v == "ok" for v in checks.values())

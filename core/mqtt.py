@@ -6,10 +6,12 @@ profile, or ``embedded://host:port`` for the in-process broker of the embedded p
 
 from __future__ import annotations
 
+import secrets
 import socket
 import threading
 import uuid
-from dataclasses import dataclass
+from collections.abc import MutableMapping
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -46,6 +48,23 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         tls=tls,
         embedded=parts.scheme == "embedded",
     )
+
+
+EMBEDDED_SERVICE_USER = "ensoul-platform"
+EMBEDDED_PASSWORD_KEY = "ENSOUL_EMBEDDED_MQTT_PASSWORD"  # noqa: S105 - a config key
+
+
+def platform_target(config: MutableMapping[str, Any]) -> MqttTarget:
+    """Where and as whom the platform's own clients connect.
+
+    ``MQTT_URL`` carries the service account in the services profile. The embedded broker runs
+    in the same process: its service password is random, made once and kept in the config.
+    """
+    target = parse_mqtt_url(config["MQTT_URL"])
+    if not target.embedded:
+        return target
+    password = config.setdefault(EMBEDDED_PASSWORD_KEY, secrets.token_urlsafe(24))
+    return replace(target, username=EMBEDDED_SERVICE_USER, password=password)
 
 
 def set_nodelay(client: paho.Client) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from flask import Flask, request
+from flask import Blueprint, Flask, current_app, request
 from flask_limiter import Limiter
 
 
@@ -24,6 +24,22 @@ def token_or_ip() -> str:
 
 
 limiter = Limiter(key_func=token_or_ip, headers_enabled=True, strategy="moving-window")
+_limited_blueprints: set[str] = set()
+
+
+def limit_api(blueprint: Blueprint) -> None:
+    """One budget per token and one per client IP across every REST endpoint.
+
+    The limits are read from the current app's config on each request, so the blueprint is
+    decorated once per process even when several apps are created (tests, tools).
+    """
+    if blueprint.name in _limited_blueprints:
+        return
+    _limited_blueprints.add(blueprint.name)
+    limiter.shared_limit(lambda: current_app.config["ENSOUL_API_RATE_LIMIT"],
+                         scope="api-token")(blueprint)
+    limiter.shared_limit(lambda: current_app.config["ENSOUL_API_IP_RATE_LIMIT"],
+                         scope="api-ip", key_func=lambda: "ip:" + client_ip())(blueprint)
 
 
 def init_app(app: Flask) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import marshmallow as ma
 from flask import Response, request
 from sqlalchemy import select
 
@@ -12,7 +11,6 @@ from accounts import permissions as perm
 from accounts.auth import require
 from core.api import api_blueprint
 from core.db import db
-from core.errors import ValidationFailed
 from core.idempotency import idempotent
 from core.pagination import PageArgsSchema, paginate
 from core.tenancy import current_tenant_id, get_owned, owned_resource, scoped
@@ -142,9 +140,8 @@ def export_devices(args: dict[str, Any]) -> Any:
 @blp.arguments(schemas.BulkActionIn)
 @blp.response(200, schemas.BulkActionOut)
 def bulk_action(data: dict[str, Any]) -> Any:
-    """Suspend, resume, retire or move many devices; per-device failures are reported."""
-    if data["action"] == "move_group" and "group" not in data:
-        raise ValidationFailed(details={"group": ["Required for move_group (null: no group)."]})
+    """Suspend, resume, retire or move many devices (``move_group`` without a ``group``
+    takes them out of their group); per-device failures are reported."""
     return services.bulk_action(current_tenant_id(), data["device_ids"], data["action"],
                                 data.get("group"))
 
@@ -255,20 +252,15 @@ def fleet_summary() -> Any:
 # --- imports ------------------------------------------------------------------------------
 
 
-class ImportFileSchema(ma.Schema):
-    file = ma.fields.Raw(required=True, metadata={"type": "string", "format": "binary"})
-
-
 @blp.route("/device-imports", methods=["POST"])
 @require(perm.FLEET_WRITE)
 @idempotent()
-@blp.arguments(schemas.ImportArgs, location="form")
-@blp.arguments(ImportFileSchema, location="files")
+@blp.arguments(schemas.ImportIn, location="form_and_files")
 @blp.response(201, schemas.ImportOut)
-def create_import(args: dict[str, Any], files: dict[str, Any]) -> Any:
+def create_import(args: dict[str, Any]) -> Any:
     """Import a CSV of devices, all or nothing; every bad row is reported with its line."""
     product = get_owned(Product, args["product_id"])
-    upload = files["file"]
+    upload = args["file"]
     with upload.stream:  # large uploads are spooled to a temporary file
         data = upload.read()
     return imports.import_devices(product, data, filename=upload.filename or "",

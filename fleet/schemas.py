@@ -155,10 +155,15 @@ class DeviceEventOut(ma.Schema):
     created_at = ma.fields.AwareDateTime(required=True)
 
 
-class ImportArgs(ma.Schema):
+class ImportIn(ma.Schema):
     product_id = ma.fields.UUID(required=True)
-    issue_credentials = ma.fields.Boolean(load_default=False)
+    issue_credentials = ma.fields.Boolean(load_default=False, metadata={
+        "description": "Issue MQTT credentials now; the answer offers a one-time file."})
     activate = ma.fields.Boolean(load_default=False)
+    file = ma.fields.Raw(required=True, metadata={
+        "type": "string", "format": "binary",
+        "description": "CSV: serial (required), mac, name, group, tags (;-separated), "
+                       "hardware_key"})
 
 
 class ImportOut(ma.Schema):

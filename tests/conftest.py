@@ -147,6 +147,9 @@ def app_settings(database_url: str, redis_url: str, redis_prefix: str, smtp_port
         "ENSOUL_API_RATE_LIMIT": "100000/minute",
         "ENSOUL_API_IP_RATE_LIMIT": "100000/minute",
         "ENSOUL_LOGIN_RATE_LIMIT": "100000/minute",
+        # Cheap argon2id in tests; production keeps the RFC 9106 default (64 MiB, 3 passes).
+        "ENSOUL_ARGON2_TIME_COST": 1,
+        "ENSOUL_ARGON2_MEMORY_KIB": 1024,
         **extra,
     }
 
@@ -171,8 +174,7 @@ def app(base_app: Any, redis_client: redis_lib.Redis) -> Iterator[Any]:
     from core.ratelimit import limiter
 
     limiter.reset()
-    engine = db.engine
-    assert engine is not None
+    engine = base_app.extensions["ensoul_db_engine"]
     connection = engine.connect()
     outer = connection.begin()
     db.bind(connection, join_transaction_mode="create_savepoint")
@@ -185,12 +187,11 @@ def app(base_app: Any, redis_client: redis_lib.Redis) -> Iterator[Any]:
         db.session.remove()
         outer.rollback()
         connection.close()
-        db.bind(engine, join_transaction_mode="conditional_savepoint")
+        db.bind(None, join_transaction_mode="conditional_savepoint")
 
 
-def truncate_all() -> None:
-    engine = db.engine
-    assert engine is not None
+def truncate_all(app: Any) -> None:
+    engine = app.extensions["ensoul_db_engine"]
     tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
@@ -202,7 +203,7 @@ def committed_app(base_app: Any, redis_client: redis_lib.Redis) -> Iterator[Any]
     from core.ratelimit import limiter
 
     limiter.reset()
-    truncate_all()
+    truncate_all(base_app)
     ctx = base_app.app_context()
     ctx.push()
     try:
@@ -210,7 +211,7 @@ def committed_app(base_app: Any, redis_client: redis_lib.Redis) -> Iterator[Any]
     finally:
         db.session.remove()
         ctx.pop()
-        truncate_all()
+        truncate_all(base_app)
 
 
 class CommittingClient(FlaskClient):

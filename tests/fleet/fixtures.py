@@ -6,6 +6,8 @@ import io
 from typing import Any, NamedTuple
 
 import pytest
+from werkzeug.datastructures import FileStorage
+from werkzeug.test import encode_multipart
 
 from core.db import db
 from fleet import services
@@ -42,8 +44,13 @@ def other_vendor(app: Any) -> Vendor:
 
 
 def upload(client: Any, vendor: Vendor, csv_text: str | bytes, **options: Any) -> Any:
+    """POST a CSV as multipart. The body is encoded in memory: werkzeug's test client would
+    spool a large one to a temporary file that it never closes."""
     data = csv_text.encode() if isinstance(csv_text, str) else csv_text
-    form = {"product_id": str(vendor.product.id), "file": (io.BytesIO(data), "devices.csv")}
+    form: dict[str, Any] = {"product_id": str(vendor.product.id),
+                            "file": FileStorage(io.BytesIO(data), filename="devices.csv",
+                                               content_type="text/csv")}
     form.update({k: "true" if v else "false" for k, v in options.items()})
-    return client.post("/api/v1/device-imports", data=form, headers=vendor.headers,
-                       content_type="multipart/form-data")
+    boundary, body = encode_multipart(form)
+    return client.post("/api/v1/device-imports", data=body, headers=vendor.headers,
+                       content_type=f"multipart/form-data; boundary={boundary}")
