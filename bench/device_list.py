@@ -169,7 +169,7 @@ def plot(results: dict[str, Any], path: Any) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("latency per page of 50 (ms, log scale)")
     ax.set_title("GET /api/v1/devices at 100,000 devices vs its bare SQL (2 cores)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
