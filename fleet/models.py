@@ -161,5 +161,10 @@ class DeviceImport(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     activated: Mapped[bool] = mapped_column(default=False)
     created_by: Mapped[str] = mapped_column(String(320))
     # Encrypted CSV of the new secrets, erased at its first download.
-    credentials_file_encrypted: Mapped[str | None] = mapped_column(Text)
+    credentials_file_encrypted: Mapped[str | None] = mapped_column(Text, deferred=True)
     credentials_downloaded_at: Mapped[dt.datetime | None] = mapped_column()
+
+    @property
+    def credentials_file_available(self) -> bool:
+        """Whether the one-time file can still be downloaded (without loading it)."""
+        return self.issued_credentials and self.credentials_downloaded_at is None

@@ -173,8 +173,7 @@ class ImportOut(ma.Schema):
     row_count = ma.fields.Integer(required=True)
     issued_credentials = ma.fields.Boolean(required=True)
     activated = ma.fields.Boolean(required=True)
-    credentials_file_available = ma.fields.Function(
-        lambda b: b.credentials_file_encrypted is not None, required=True)
+    credentials_file_available = ma.fields.Boolean(required=True)
     credentials_downloaded_at = ma.fields.AwareDateTime(required=True, allow_none=True)
     created_at = ma.fields.AwareDateTime(required=True)
 
