@@ -121,15 +121,6 @@ def _instance_secret(name: str) -> str:
     return path.read_text().strip()
 
 
-def _with_embedded_login(url: str) -> str:
-    """The in-process broker and the platform's own clients share a login made up per process,
-    so every client built from ``MQTT_URL`` logs in and anonymous logins stay refused."""
-    scheme = "embedded://"
-    if not url.startswith(scheme) or "@" in url:
-        return url
-    return f"{scheme}ensoul-platform:{secrets.token_urlsafe(24)}@{url[len(scheme):]}"
-
-
 def load_settings(
     override: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -155,7 +146,6 @@ def load_settings(
         raise SettingsError("ENSOUL_MQTT_ACCESS must be 'embedded', 'mosquitto' or 'emqx'")
     if values["ENSOUL_COOKIE_SECURE"] is None:
         values["ENSOUL_COOKIE_SECURE"] = not embedded
-    values["MQTT_URL"] = _with_embedded_login(str(values["MQTT_URL"]))
     if not values["SECRET_KEY"]:
         if not embedded:
             raise SettingsError("SECRET_KEY must be set in the services profile")

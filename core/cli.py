@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from config.settings import PROJECT_ROOT
 from core.db import db
-from core.mqtt import parse_mqtt_url
+from core.mqtt import platform_target
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def register(app: Flask) -> None:
         if current_app.config["EMBEDDED"]:
             raise click.ClickException("the embedded profile tracks presence inside `serve`")
         stop = GracefulStop()
-        target = parse_mqtt_url(current_app.config["MQTT_URL"])
+        target = platform_target(current_app.config)
         tracker = PresenceTracker(current_app._get_current_object(),  # type: ignore[attr-defined]
                                   target, shared=True)
         tracker.start()
@@ -187,7 +187,7 @@ def _embedded_background(app: Flask) -> Iterator[None]:
     from fleet.presence import PresenceTracker
 
     stop = threading.Event()
-    tracker = PresenceTracker(app, parse_mqtt_url(app.config["MQTT_URL"]), shared=False)
+    tracker = PresenceTracker(app, platform_target(app.config), shared=False)
     tracker.start()  # paho retries until the embedded broker listens
     periodic = threading.Thread(target=run_periodic, args=(app, stop), name="periodic",
                                 daemon=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import marshmallow as ma
@@ -50,7 +50,7 @@ bp = Blueprint("mqtt_hooks", __name__, url_prefix="/mqtt")
 class HttpAuthCache:
     """Decisions for EMQX, cached in Redis until the registry changes."""
 
-    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, config: MutableMapping[str, Any] | None = None) -> None:
         self.config = config if config is not None else current_app.config
         self.redis = get_redis()
         self.service = service_account(self.config)

@@ -25,7 +25,7 @@ import os
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ class MosquittoFiles:
     salt_key: bytes = b""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> MosquittoFiles:
+    def from_config(cls, config: MutableMapping[str, Any]) -> MosquittoFiles:
         directory = Path(config.get("ENSOUL_MOSQUITTO_DIR") or INSTANCE_DIR / "mosquitto")
         pid_file = config.get("ENSOUL_MOSQUITTO_PID_FILE") or directory / "mosquitto.pid"
         service = service_account(config)

@@ -12,14 +12,14 @@ import datetime as dt
 import hmac
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, select
 
 from core.db import db
-from core.mqtt import parse_mqtt_url
+from core.mqtt import platform_target
 from fleet.models import Device, DeviceStatus
 
 NO_ACCESS = (DeviceStatus.SUSPENDED, DeviceStatus.RETIRED)
@@ -38,10 +38,10 @@ class ServiceAccount:
                 and hmac.compare_digest(password.encode(), self.password.encode()))
 
 
-def service_account(config: Mapping[str, Any]) -> ServiceAccount | None:
-    """The platform's own login, from ``MQTT_URL`` (the embedded profile makes one up per
-    process: ``config.settings``)."""
-    target = parse_mqtt_url(config["MQTT_URL"])
+def service_account(config: MutableMapping[str, Any]) -> ServiceAccount | None:
+    """The platform's own login: ``core.mqtt.platform_target`` (``MQTT_URL``'s credentials, or
+    the embedded broker's per-process service password)."""
+    target = platform_target(config)
     if target.username and target.password:
         return ServiceAccount(target.username, target.password)
     return None

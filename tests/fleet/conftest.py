@@ -61,8 +61,7 @@ def broker_platform(base_app: Any, fleet_mosquitto: MosquittoInstance,
 @pytest.fixture
 def embedded_broker(committed_app: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[MqttTarget]:
     """The embedded profile's amqtt broker with the platform's access plugins, on a free port."""
-    monkeypatch.setitem(committed_app.config, "MQTT_URL",
-                        f"embedded://ensoul-platform:{uuid.uuid4().hex}@127.0.0.1:{free_port()}")
+    monkeypatch.setitem(committed_app.config, "MQTT_URL", f"embedded://127.0.0.1:{free_port()}")
     monkeypatch.setitem(committed_app.config, "ENSOUL_MQTT_ACCESS", "embedded")
     broker = EmbeddedBroker(parse_mqtt_url(committed_app.config["MQTT_URL"]), app=committed_app)
     broker.start()

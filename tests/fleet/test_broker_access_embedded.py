@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.db import db
-from core.mqtt import parse_mqtt_url
+from core.mqtt import platform_target
 from fleet import services, tasks
 from fleet.broker_access import get_broker_access
 from fleet.broker_access.embedded import EmbeddedAccess
@@ -21,7 +21,7 @@ def login(make: Any, target: Any, device: Provisioned, password: str | None = No
 
 
 def service(make: Any, app: Any) -> MqttClient:
-    target = parse_mqtt_url(app.config["MQTT_URL"])
+    target = platform_target(app.config)
     client = make(target, target.username, target.password, **V311)
     assert not client.connect().is_failure
     return client

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from core.db import db
-from core.mqtt import parse_mqtt_url
+from core.mqtt import platform_target
 from fleet import presence, services, tasks
 from fleet.broker_access.mosquitto import MosquittoFiles
 from fleet.models import Device
@@ -38,7 +38,7 @@ def start_tracker(committed_app: Any, broker_platform: MosquittoInstance
     started: list[PresenceTracker] = []
 
     def _start() -> PresenceTracker:
-        tracker = PresenceTracker(committed_app, parse_mqtt_url(committed_app.config["MQTT_URL"]))
+        tracker = PresenceTracker(committed_app, platform_target(committed_app.config))
         tracker.start()
         started.append(tracker)
         wait_until(tracker.subscribed.is_set, 10, what="the tracker's subscriptions")
@@ -208,7 +208,7 @@ def test_the_trackers_socket_has_tcp_nodelay(committed_app: Any, start_tracker: 
 def test_the_embedded_broker_tracks_presence_with_a_plain_subscription(
         committed_app: Any, embedded_broker: Any, mqtt_clients: Any) -> None:
     a = provision(make_product())
-    target = parse_mqtt_url(committed_app.config["MQTT_URL"])
+    target = platform_target(committed_app.config)
     tracker = PresenceTracker(committed_app, target, shared=False)
     tracker.start()
     try:
