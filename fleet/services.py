@@ -231,15 +231,15 @@ def update_device(device: Device, *, name: str | None = None, group: str | None 
     changes: dict[str, Any] = {}
     if name is not None and name.strip() and name.strip() != device.name:
         device.name = changes["name"] = name.strip()
-    if clear_group or (group is not None and (group.strip() or None) != device.group_name):
-        new_group = None if clear_group else (group or "").strip() or None
+    new_group = None if clear_group or group is None else group.strip() or None
+    if (clear_group or group is not None) and new_group != device.group_name:
         device.group_name = changes["group"] = new_group
     if tags is not None:
         clean = normalize_tags(tags)
         if clean != device.tag_names:
             _set_tags(device, clean)
             changes["tags"] = clean
-    if end_user_ref is not None and end_user_ref != device.end_user_ref:
+    if end_user_ref is not None and (end_user_ref or None) != device.end_user_ref:
         device.end_user_ref = end_user_ref or None
         changes["end_user_ref"] = "changed"
     db.session.flush()
