@@ -14,24 +14,18 @@ from core.db import db
 from core.idempotency import idempotent
 from core.pagination import PageArgsSchema, paginate
 from core.tenancy import current_tenant_id, get_owned, owned_resource, scoped
-from fleet import activation, imports, schemas, services, topics
+from fleet import activation, imports, presence, schemas, services, topics
 from fleet.models import Device, DeviceEvent, DeviceImport, Product
 
 blp = api_blueprint("fleet_api", __name__, "", description="Products, devices, activation")
 
 
-def _presence() -> Any:
-    from fleet import presence
-
-    return presence
-
-
 def _with_presence(devices: list[Device]) -> list[Device]:
-    presence = _presence()
+    """Set each device's ``online`` flag: one Redis round trip for the page."""
     if devices:
-        online = presence.online_ids(devices[0].tenant_id)
-        for device in devices:
-            device.online = str(device.id) in online  # type: ignore[attr-defined]
+        flags = presence.online_flags(devices[0].tenant_id, [str(d.id) for d in devices])
+        for device, online in zip(devices, flags, strict=True):
+            device.online = online  # type: ignore[attr-defined]
     return devices
 
 
@@ -102,7 +96,6 @@ def rotate_enrolment_key(product_id: str) -> Any:
 def list_devices(args: dict[str, Any]) -> Any:
     """Search the fleet; every filter narrows; keyset pagination by creation order."""
     tenant_id = current_tenant_id()
-    presence = _presence()
     online = presence.online_ids(tenant_id) if args.get("online") is not None else None
     page = paginate(services.search_devices(tenant_id, args, online), Device.id, args)
     _with_presence(page["items"])
@@ -127,7 +120,6 @@ def create_device(data: dict[str, Any]) -> Any:
 def export_devices(args: dict[str, Any]) -> Any:
     """The matching devices as CSV (no secrets), all pages at once."""
     tenant_id = current_tenant_id()
-    presence = _presence()
     online = presence.online_ids(tenant_id) if args.get("online") is not None else None
     stmt = services.search_devices(tenant_id, args, online).order_by(Device.id)
     devices = list(db.session.execute(stmt).scalars())
@@ -245,7 +237,7 @@ def device_events(args: dict[str, Any], device_id: str) -> Any:
 def fleet_summary() -> Any:
     tenant_id = current_tenant_id()
     by_status = services.count_by_status(tenant_id)
-    return {"total": sum(by_status.values()), "online": _presence().online_count(tenant_id),
+    return {"total": sum(by_status.values()), "online": presence.online_count(tenant_id),
             "by_status": by_status}
 
 

@@ -73,6 +73,14 @@ def online_ids(tenant_id: uuid.UUID | str) -> set[str]:
     return {_text(m) for m in get_redis().smembers(_key(tenant_id, "online"))}
 
 
+def online_flags(tenant_id: uuid.UUID | str, device_ids: list[str]) -> list[bool]:
+    """Whether each of these devices is online: one round trip for a page of devices."""
+    if not device_ids:
+        return []
+    flags = get_redis().smismember(_key(tenant_id, "online"), device_ids)
+    return [bool(flag) for flag in flags]
+
+
 def online_count(tenant_id: uuid.UUID | str) -> int:
     return int(get_redis().scard(_key(tenant_id, "online")))
 

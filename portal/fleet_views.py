@@ -104,16 +104,20 @@ def devices() -> tuple[str, int]:
     tenant_id = current_tenant_id()
     products = tenant_products()
     form, filters = _search(products)
-    online = presence.online_ids(tenant_id)
     page: dict[str, Any] = {"items": [], "next_cursor": None}
     if filters is not None:
-        page = paginate(_matching(filters, online), Device.id,
+        wanted = presence.online_ids(tenant_id) if filters["online"] is not None else set()
+        page = paginate(_matching(filters, wanted), Device.id,
                         {"cursor": request.args.get("cursor") or None, "limit": PAGE_SIZE})
+    page_ids = [str(d.id) for d in page["items"]]
+    online = {i for i, on in zip(page_ids, presence.online_flags(tenant_id, page_ids),
+                                 strict=True) if on}
     by_status = services.count_by_status(tenant_id)
     return render_template(
         "fleet/devices.html", form=form, devices=page["items"], next_cursor=page["next_cursor"],
         first_page=not request.args.get("cursor"), filters=filter_args(), online=online,
-        summary={"total": sum(by_status.values()), "online": len(online), "by_status": by_status},
+        summary={"total": sum(by_status.values()), "online": presence.online_count(tenant_id),
+                 "by_status": by_status},
         products={p.id: p for p in products}, bulk_form=BulkActionForm(formdata=None),
     ), 200 if filters is not None else 422
 

@@ -21,6 +21,11 @@ class BrokerAccess(Protocol):
         """Make the broker enforce the registry as it is now; report what changed."""
         ...
 
+    def reconcile(self) -> dict[str, Any]:
+        """Rebuild the broker's access data from the registry after loss or drift; report
+        every difference found."""
+        ...
+
 
 def get_broker_access() -> BrokerAccess:
     kind = current_app.config["ENSOUL_MQTT_ACCESS"]
