@@ -88,6 +88,8 @@ def _register_blueprints(app: Flask) -> None:
 def _register_cli(app: Flask) -> None:
     from accounts.cli import register as register_accounts_cli
     from core.cli import register as register_core_cli
+    from processes import register as register_processes
 
     register_core_cli(app)
     register_accounts_cli(app)
+    register_processes(app)

@@ -1,14 +1,10 @@
-"""Platform commands: migrations, the embedded all-in-one server and the Procfile processes."""
+"""Platform commands every process shares: the database check and migrations, clean stops."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
-import sys
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -21,7 +17,6 @@ from sqlalchemy.exc import OperationalError
 
 from config.settings import PROJECT_ROOT
 from core.db import db
-from core.mqtt import platform_target
 
 log = logging.getLogger(__name__)
 
@@ -86,115 +81,3 @@ def register(app: Flask) -> None:
         """Apply all migrations (the Procfile's release step)."""
         upgrade_database()
         click.echo("database is up to date")
-
-    @app.cli.command("serve")
-    @click.option("--host", default="127.0.0.1", show_default=True)
-    @click.option("--port", default=8000, show_default=True, type=int)
-    @with_appcontext
-    def serve(host: str, port: int) -> None:
-        """Run the whole platform in one process (the embedded profile)."""
-        from core.embedded import run_embedded
-
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-        upgrade_database()  # before the periodic jobs touch the tables
-        with _embedded_background(app):
-            run_embedded(app, host, port)
-
-    @app.cli.command("broker")
-    @with_appcontext
-    def broker() -> None:
-        """The broker process: tracks device presence (inference brokering joins it later)."""
-        from fleet.presence import PresenceTracker
-
-        if current_app.config["EMBEDDED"]:
-            raise click.ClickException("the embedded profile tracks presence inside `serve`")
-        stop = GracefulStop()
-        target = platform_target(current_app.config)
-        tracker = PresenceTracker(current_app._get_current_object(),  # type: ignore[attr-defined]
-                                  target, shared=True)
-        tracker.start()
-        log.info("broker started: presence tracker on %s", target.safe_url)
-        click.echo("broker started", err=True)
-        while not stop.event.wait(0.5):
-            if tracker.refused.is_set():
-                tracker.stop()
-                raise click.ClickException(f"{target.safe_url} refused the platform's login")
-        tracker.stop()
-        click.echo("broker stopped", err=True)
-        sys.exit(0)
-
-    @app.cli.command("scheduler")
-    @with_appcontext
-    def scheduler() -> None:
-        """Enqueues the domains' periodic jobs (presence flush, broker access reconcile...)."""
-        stop = GracefulStop()
-        log.info("scheduler started")
-        click.echo("scheduler started", err=True)
-        run_periodic(current_app._get_current_object(), stop.event)  # type: ignore[attr-defined]
-        click.echo("scheduler stopped", err=True)
-        sys.exit(0)
-
-    @app.cli.command("worker")
-    @click.option("--burst", is_flag=True, help="Stop when the queues are empty.")
-    @with_appcontext
-    def worker(burst: bool) -> None:
-        """An rq worker on the platform's Redis."""
-        from rq import Worker
-        from rq.serializers import JSONSerializer
-
-        from core.redis import get_redis
-
-        if current_app.config["EMBEDDED"]:
-            raise click.ClickException("the embedded profile runs jobs in-process; no worker")
-        w = Worker(["default"], connection=get_redis(), serializer=JSONSerializer)
-        w.work(burst=burst, with_scheduler=False)
-
-
-def run_periodic(app: Flask, stop: threading.Event) -> None:
-    """Enqueue every periodic job when it is due, until ``stop`` is set.
-
-    A Redis key per job and interval lets several schedulers run without enqueueing twice.
-    The embedded profile runs each job right here (its queue is synchronous).
-    """
-    from core.queue import enqueue
-    from core.redis import get_redis, name
-    from fleet.tasks import periodic_jobs
-
-    jobs = periodic_jobs(app.config)
-    due = [0.0] * len(jobs)
-    while not stop.is_set():
-        for index, (every, job) in enumerate(jobs):
-            if time.monotonic() < due[index]:
-                continue
-            due[index] = time.monotonic() + every
-            with app.app_context():
-                try:
-                    key = name("periodic", job.__name__)
-                    if get_redis().set(key, "1", nx=True, ex=max(1, every - 1)):
-                        queued = enqueue(job)
-                        if queued.is_failed:  # run here (embedded), where rq only records it
-                            result = queued.latest_result()
-                            log.error("periodic job %s failed: %s", job.__name__,
-                                      result.exc_string if result else "")
-                except Exception:  # a failed tick is logged; the next one tries again
-                    log.exception("periodic job %s failed to run", job.__name__)
-        stop.wait(max(0.05, min(due) - time.monotonic()))
-
-
-@contextlib.contextmanager
-def _embedded_background(app: Flask) -> Iterator[None]:
-    """What the Procfile's broker and scheduler do, as threads of the embedded server."""
-    from fleet.presence import PresenceTracker
-
-    stop = threading.Event()
-    tracker = PresenceTracker(app, platform_target(app.config), shared=False)
-    tracker.start()  # paho retries until the embedded broker listens
-    periodic = threading.Thread(target=run_periodic, args=(app, stop), name="periodic",
-                                daemon=True)
-    periodic.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        tracker.stop()
-        periodic.join(10)

@@ -15,7 +15,7 @@ import pytest
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from core.cli import run_periodic
+from processes import run_periodic
 from core.db import db
 from core.mqtt import parse_mqtt_url
 from core.queue import get_queue
