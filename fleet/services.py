@@ -330,6 +330,8 @@ def reset(device: Device) -> Device:
     revoke_credentials(device, reason="reset")
     run_reset_hooks(device)
     device.end_user_ref = None
+    # Not activated any more: a suspended device resumes as provisioned, not active.
+    device.activated_at = None
     if device.status is DeviceStatus.ACTIVE:
         device.status = DeviceStatus.PROVISIONED
     record_event(device, "reset")
