@@ -1,11 +1,14 @@
 """The device registry through the REST API: products and their enrolment keys, devices and
-their validation, status changes, credentials, reset and transfer, history, the audit trail.
+their validation, search, keyset pages, export, bulk actions, status changes, credentials,
+reset and transfer, history, the audit trail.
 
-Search, pagination, export, bulk actions and tenant isolation are in test_registry_search.py.
+What one tenant can see or change of another's is in test_registry_isolation.py.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import uuid
 from typing import Any
 
@@ -16,7 +19,7 @@ from accounts.models import AuditEntry, TokenScope
 from core.crypto import sha256_hex
 from core.db import db
 from fleet import credentials, hooks, presence, services
-from fleet.models import Device, DeviceEvent, DeviceStatus, Product
+from fleet.models import Device, DeviceEvent, DeviceStatus, HardwareKind, Product
 from tests.factories import auth, make_token
 from tests.fleet.fixtures import Vendor, make_vendor, upload
 
@@ -312,6 +315,267 @@ def test_malformed_bodies_and_ids(client: Any, vendor: Vendor) -> None:
         assert error_of(client.get(f"{API}{path}", headers=vendor.headers)) == (404, "not_found")
     no_token = client.get(f"{API}/devices")
     assert no_token.status_code == 401
+
+
+# --- search, keyset pages, export --------------------------------------------------------------
+
+
+def go_online(device: Device) -> None:
+    presence.record(str(device.tenant_id), str(device.id), "status", {"state": "online"},
+                    retained=False)
+
+
+def report_firmware(device: Device, version: str) -> None:
+    """As the device's retained state message would, then the periodic flush to Postgres."""
+    presence.record(str(device.tenant_id), str(device.id), "state",
+                    {"firmware_version": version}, retained=False)
+    presence.flush_to_database()
+    db.session.commit()
+
+
+def serials(client: Any, vendor: Vendor, query: str) -> list[str]:
+    answer = client.get(f"{API}/devices?{query}", headers=vendor.headers)
+    assert answer.status_code == 200, (query, answer.json)
+    return [d["serial"] for d in answer.json["items"]]
+
+
+@pytest.fixture
+def fleet(vendor: Vendor) -> dict[str, Device]:
+    """Devices that differ in every searchable attribute."""
+    capsule, _ = services.create_product(vendor.setup.tenant.id, "Capsule", HardwareKind.CAPSULE)
+    db.session.commit()
+    devices = {
+        "BEAR-001": make_device(vendor, "BEAR-001", name="Kitchen bear", group="g1",
+                                tags=["blue", "v2"]),
+        "BEAR-002": make_device(vendor, "BEAR-002", name="Bedroom", group="g1", tags=["red"]),
+        "CAT-001": services.create_device(capsule, "CAT-001", name="Bear cub", group="g2",
+                                          tags=["blue"]),
+        "BEAR_X1": make_device(vendor, "BEAR_X1", name="Underscore"),
+        "BEARX12": make_device(vendor, "BEARX12", name="No underscore"),
+    }
+    services.activate(devices["BEAR-001"])
+    services.change_status(devices["CAT-001"], "suspend")
+    services.change_status(devices["BEAR_X1"], "retire")
+    db.session.commit()
+    go_online(devices["BEAR-001"])
+    go_online(devices["BEARX12"])
+    report_firmware(devices["BEAR-001"], "1.2.0")
+    report_firmware(devices["BEAR-002"], "1.3.0")
+    return devices
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    ("", ["BEAR-001", "BEAR-002", "CAT-001", "BEAR_X1", "BEARX12"]),
+    ("q=BEAR", ["BEAR-001", "BEAR-002", "BEAR_X1", "BEARX12"]),
+    ("q=Bear", ["CAT-001"]),  # a name prefix
+    ("q=Kitchen", ["BEAR-001"]),
+    ("q=BEAR_", ["BEAR_X1"]),  # "_" is a character, not a LIKE wildcard
+    ("q=%25", []),
+    ("q=bear", []),
+    ("q=EAR", []),  # a prefix, not a substring
+    ("serial=BEAR-001", ["BEAR-001"]),
+    ("serial=BEAR", []),
+    ("status=active", ["BEAR-001"]),
+    ("status=provisioned", ["BEAR-002", "BEARX12"]),
+    ("status=suspended", ["CAT-001"]),
+    ("status=retired", ["BEAR_X1"]),
+    ("group=g1", ["BEAR-001", "BEAR-002"]),
+    ("group=g", []),
+    ("tag=blue", ["BEAR-001", "CAT-001"]),
+    ("tag=v2", ["BEAR-001"]),
+    ("tag=blu", []),
+    ("firmware_version=1.2.0", ["BEAR-001"]),
+    ("firmware_version=1.3.0", ["BEAR-002"]),
+    ("online=true", ["BEAR-001", "BEARX12"]),
+    ("online=false", ["BEAR-002", "CAT-001", "BEAR_X1"]),
+    ("group=g1&tag=blue", ["BEAR-001"]),
+    ("q=BEAR&online=false", ["BEAR-002", "BEAR_X1"]),
+    ("status=provisioned&online=true", ["BEARX12"]),
+    ("group=g1&status=suspended", []),
+])
+def test_search_filters(client: Any, vendor: Vendor, fleet: dict[str, Device], query: str,
+                        expected: list[str]) -> None:
+    assert serials(client, vendor, query) == expected
+
+
+def test_search_by_product_and_the_online_flag_of_each_device(
+        client: Any, vendor: Vendor, fleet: dict[str, Device]) -> None:
+    capsule = fleet["CAT-001"].product_id
+    assert serials(client, vendor, f"product_id={capsule}") == ["CAT-001"]
+    assert serials(client, vendor, f"product_id={vendor.product.id}&tag=blue") == ["BEAR-001"]
+    assert serials(client, vendor, f"product_id={uuid.uuid4()}") == []
+    items = client.get(f"{API}/devices", headers=vendor.headers).json["items"]
+    assert {d["serial"]: d["online"] for d in items} == {
+        "BEAR-001": True, "BEAR-002": False, "CAT-001": False, "BEAR_X1": False,
+        "BEARX12": True}
+    assert {d["serial"]: d["firmware_version"] for d in items}["BEAR-001"] == "1.2.0"
+    assert client.get(f"{API}/devices/{fleet['BEAR-001'].id}",
+                      headers=vendor.headers).json["online"] is True
+
+
+@pytest.mark.parametrize(("query", "field"), [
+    ("status=lost", "status"),
+    ("online=perhaps", "online"),
+    ("product_id=not-a-uuid", "product_id"),
+    ("limit=0", "limit"),
+    ("limit=201", "limit"),
+    ("cursor=not-a-cursor", "cursor"),
+    (f"q={'x' * 65}", "q"),
+    ("group=bad%07group", "group"),
+])
+def test_search_arguments_are_validated(client: Any, vendor: Vendor, query: str,
+                                        field: str) -> None:
+    for path in ("/devices", "/devices/export.csv"):
+        answer = client.get(f"{API}{path}?{query}", headers=vendor.headers)
+        assert error_of(answer) == (422, "validation_failed"), (path, answer.json)
+        assert list(answer.json["error"]["details"]) == [field]
+
+
+def walk(client: Any, vendor: Vendor, query: str, between: Any = None) -> list[list[str]]:
+    """Every page of ``/devices?query`` (``between()`` runs after the first page)."""
+    pages: list[list[str]] = []
+    cursor = None
+    while True:
+        url = f"{API}/devices?{query}" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(url, headers=vendor.headers).json
+        pages.append([d["serial"] for d in page["items"]])
+        cursor = page["next_cursor"]
+        if len(pages) == 1 and between is not None:
+            between()
+        if cursor is None:
+            return pages
+
+
+def test_keyset_pages_cover_every_device_once_while_the_fleet_changes(
+        client: Any, vendor: Vendor) -> None:
+    created = [make_device(vendor, f"PAGE-{i:02d}", group="even" if i % 2 == 0 else "odd")
+               for i in range(8)]
+    names = [d.serial for d in created]
+
+    assert walk(client, vendor, "limit=3") == [names[:3], names[3:6], names[6:]]
+    assert walk(client, vendor, "limit=8") == [names]  # an exact fit has no empty next page
+    assert walk(client, vendor, "limit=2&group=even") == [
+        names[0:4:2], names[4:8:2]]
+
+    def change_the_fleet() -> None:
+        # A device of the first page leaves the filter; a new one arrives: no page shifts.
+        services.change_status(created[0], "retire")
+        make_device(vendor, "PAGE-NEW")
+
+    pages = walk(client, vendor, "limit=3&status=provisioned", between=change_the_fleet)
+    assert pages == [names[:3], names[3:6], [*names[6:], "PAGE-NEW"]]
+
+
+def test_export_is_every_matching_device_without_secrets(client: Any, vendor: Vendor) -> None:
+    rows = "".join(f"EXP-{i:03d},,,batch,a;b,\n" for i in range(250))
+    assert upload(client, vendor, "serial,mac,name,group,tags,hardware_key\n" + rows,
+                  activate=True).status_code == 201
+    secret = make_device(vendor, "EXP-SECRET", mac="a4:cf:12:00:00:09",
+                         hardware_key=HARDWARE_KEY)
+    password = services.issue_credentials(secret)
+    db.session.commit()
+    go_online(secret)
+
+    everything = client.get(f"{API}/devices/export.csv", headers=vendor.headers)
+    assert everything.status_code == 200
+    assert everything.mimetype == "text/csv"
+    assert everything.headers["Content-Disposition"] == 'attachment; filename="devices.csv"'
+    text = everything.get_data(as_text=True)
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert list(table[0]) == ["id", "serial", "mac", "name", "group", "tags", "status",
+                              "product_id", "firmware_version", "config_version",
+                              "activated_at", "last_seen_at", "created_at"]
+    assert len(table) == 251 and [r["serial"] for r in table][:2] == ["EXP-000", "EXP-001"]
+    assert (table[0]["group"], table[0]["tags"], table[0]["status"]) == ("batch", "a;b",
+                                                                          "active")
+    last = table[-1]
+    assert (last["serial"], last["mac"], last["status"], last["id"]) == (
+        "EXP-SECRET", "a4:cf:12:00:00:09", "provisioned", str(secret.id))
+    db.session.refresh(secret)
+    for leak in (password, secret.mqtt_password_hash, "$7$", HARDWARE_KEY,
+                 secret.hardware_key_encrypted, vendor.enrolment_key,
+                 vendor.product.enrolment_key_hash):
+        assert leak not in text
+
+    provisioned = client.get(f"{API}/devices/export.csv?status=provisioned",
+                             headers=vendor.headers).get_data(as_text=True)
+    assert [r["serial"] for r in csv.DictReader(io.StringIO(provisioned))] == ["EXP-SECRET"]
+    online = client.get(f"{API}/devices/export.csv?online=true&q=EXP-S",
+                        headers=vendor.headers).get_data(as_text=True)
+    assert [r["serial"] for r in csv.DictReader(io.StringIO(online))] == ["EXP-SECRET"]
+    none = client.get(f"{API}/devices/export.csv?tag=missing", headers=vendor.headers)
+    assert none.get_data(as_text=True).count("\n") == 1  # the header only
+
+
+# --- bulk actions --------------------------------------------------------------------------------
+
+
+def bulk(client: Any, vendor: Vendor, action: str, devices: list[Any], **extra: Any) -> Any:
+    ids = [str(getattr(d, "id", d)) for d in devices]
+    return client.post(f"{API}/devices/bulk", json={"action": action, "device_ids": ids,
+                                                    **extra}, headers=vendor.headers)
+
+
+def test_bulk_status_changes_report_each_failure(client: Any, vendor: Vendor) -> None:
+    active, provisioned, retired = device_in(vendor, A), device_in(vendor, P), device_in(vendor, R)
+    services.issue_credentials(active)
+    db.session.commit()
+    missing = uuid.uuid4()
+    audited = len(audit(vendor))
+
+    suspended = bulk(client, vendor, "suspend", [active, provisioned, retired, missing])
+    assert suspended.status_code == 200, suspended.json
+    assert suspended.json == {
+        "changed": [str(active.id), str(provisioned.id)],
+        "failed": {str(retired.id): CONFLICT, str(missing): "not_found"}}
+    assert [(e.action, e.target_id) for e in audit(vendor)[audited:]] == [
+        ("device.suspend", str(active.id)), ("device.suspend", str(provisioned.id))]
+
+    resumed = bulk(client, vendor, "resume", [active, provisioned, retired])
+    assert resumed.json["failed"] == {str(retired.id): CONFLICT}
+    for device, status in ((active, A), (provisioned, P), (retired, R)):
+        db.session.refresh(device)
+        assert device.status is status
+
+    retire = bulk(client, vendor, "retire", [active, provisioned])
+    assert retire.json == {"changed": [str(active.id), str(provisioned.id)], "failed": {}}
+    db.session.refresh(active)
+    assert active.status is R and active.mqtt_password_hash is None
+
+
+def test_bulk_move_group(client: Any, vendor: Vendor) -> None:
+    first = make_device(vendor, group="old", tags=["keep"])
+    second = make_device(vendor)
+    moved = bulk(client, vendor, "move_group", [first, second], group="shelf-3")
+    assert moved.json == {"changed": [str(first.id), str(second.id)], "failed": {}}
+    assert serials(client, vendor, "group=shelf-3") == [first.serial, second.serial]
+    assert [e.details for e in audit(vendor, "device.update")] == [
+        {"group": "shelf-3"}, {"group": "shelf-3"}]
+    for extra in ({}, {"group": None}, {"group": ""}):
+        assert bulk(client, vendor, "move_group", [first], **extra).status_code == 200
+        db.session.refresh(first)
+        assert first.group_name is None and first.tag_names == ["keep"]
+    assert len(audit(vendor, "device.update")) == 3  # taken out once; then nothing changed
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"action": "delete", "device_ids": ["00000000-0000-0000-0000-000000000000"]}, "action"),
+    ({"device_ids": ["00000000-0000-0000-0000-000000000000"]}, "action"),
+    ({"action": "suspend", "device_ids": []}, "device_ids"),
+    ({"action": "suspend"}, "device_ids"),
+    ({"action": "suspend", "device_ids": ["not-a-uuid"]}, "device_ids"),
+    ({"action": "suspend", "device_ids": [str(uuid.UUID(int=i)) for i in range(1001)]},
+     "device_ids"),
+    ({"action": "move_group", "device_ids": ["00000000-0000-0000-0000-000000000000"],
+      "group": "g" * 101}, "group"),
+])
+def test_bulk_validation(client: Any, vendor: Vendor, body: dict[str, Any], field: str) -> None:
+    device = make_device(vendor)
+    answer = client.post(f"{API}/devices/bulk", json=body, headers=vendor.headers)
+    assert error_of(answer) == (422, "validation_failed")
+    assert list(answer.json["error"]["details"]) == [field]
+    db.session.refresh(device)
+    assert device.status is P
 
 
 # --- status ----------------------------------------------------------------------------------
