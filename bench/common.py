@@ -178,7 +178,7 @@ class MosquittoServer:
     devices fit.
     """
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, *, options: Sequence[str] = ()) -> None:
         from fleet.credentials import hash_password
 
         self.host = "127.0.0.1"
@@ -197,6 +197,7 @@ class MosquittoServer:
         self.workdir.chmod(0o777)
         for path in (self.password_file, self.acl_file):
             path.chmod(0o644)
+        self.options = list(options)  # extra global lines, for what-if runs
         self.conf = self.workdir / "mosquitto.conf"
         self.conf.write_text(self._render())
         self.process: subprocess.Popen[bytes] | None = None
@@ -215,7 +216,7 @@ class MosquittoServer:
         if missing:
             raise RuntimeError(f"the Mosquitto template has fields bench/ does not fill: "
                                f"{sorted(missing)}")
-        lines = []
+        lines = list(self.options)
         for line in template.format(**values).splitlines():
             lines.append(line)
             if line.startswith("listener "):
@@ -385,8 +386,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         commit = ""
     return {"cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "load_avg_1m_at_start": round(load1, 2),
-            "load_avg_5m_at_start": round(load5, 2), "git_commit": commit}
+            "platform": platform.platform(), "load_avg_1m_at_write": round(load1, 2),
+            "load_avg_5m_at_write": round(load5, 2), "git_commit": commit}
 
 
 def write_result(name: str, payload: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:

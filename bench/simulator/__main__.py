@@ -18,6 +18,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from bench.common import (
@@ -58,7 +59,9 @@ def count_online(server: MosquittoServer, identities: list[DeviceIdentity],
     client = new_client(f"ensoul-bench-presence-{uuid.uuid4().hex[:8]}",
                         parse_mqtt_url(server.url))
     client.on_message = on_message
-    client.on_connect = lambda c, *a: c.subscribe("t/+/d/+/status", qos=1)
+    # QoS 0: Mosquitto queues at most max_queued_messages (1,000) QoS 1 messages per client
+    # and drops the rest, which would make a count of 10,000 retained statuses stop at 1,020.
+    client.on_connect = lambda c, *a: c.subscribe("t/+/d/+/status", qos=0)
     client.connect(server.host, server.port, keepalive=30)
     client.loop_start()
     try:
@@ -87,14 +90,16 @@ def platform_online(app: Any, tenant_id: uuid.UUID, expected: int,
 
 def run(devices: int = 1000, via: str = "import", *, workers: int | None = None,
         hold: float = 0.0, database: str = "ensoul_bench_sim", keep_db: bool = False,
-        result_name: str | None = "simulator") -> dict[str, Any]:
+        result_name: str | None = "simulator",
+        mosquitto_options: Sequence[str] = (), presence_tracker: bool = True
+        ) -> dict[str, Any]:
     from app import create_app
     from core.db import db
     from fleet.broker_access.mosquitto import MosquittoFiles
 
     raise_nofile_limit()
     prefix = new_redis_prefix("sim")
-    server = MosquittoServer().start()
+    server = MosquittoServer(options=mosquitto_options).start()
     try:
         url = fresh_database(database)
         app = create_app(bench_settings(url, prefix, **mosquitto_settings(server)))
@@ -123,15 +128,18 @@ def run(devices: int = 1000, via: str = "import", *, workers: int | None = None,
         from fleet.presence import PresenceTracker
 
         tracker = PresenceTracker(app, parse_mqtt_url(server.url), shared=False)
-        tracker.start()
-        tracker.subscribed.wait(10)
+        if presence_tracker:
+            tracker.start()
+            tracker.subscribed.wait(10)
         fleet = SimulatedFleet(identities, workers=workers)
         try:
             connect = fleet.start()
             online = count_online(server, identities)
-            tracked, tracked_after = platform_online(app, vendor.tenant_id, connect.connected)
+            tracked, tracked_after = (platform_online(app, vendor.tenant_id, connect.connected)
+                                      if presence_tracker else (0, 0.0))
         finally:
-            tracker.stop()
+            if presence_tracker:
+                tracker.stop()
         if hold:
             time.sleep(hold)
         held = fleet.stats()
@@ -141,13 +149,17 @@ def run(devices: int = 1000, via: str = "import", *, workers: int | None = None,
             "provisioning": provisioning,
             "connect": connect.as_dict(),
             "retained_online_seen_by_platform_client": online,
-            "presence_tracker": {"online": tracked,
-                                 "seconds_after_connects_to_see_them": round(tracked_after, 3),
-                                 "messages": dict(tracker.counts)},
+            "presence_tracker": {
+                "online": tracked, "seconds_after_connects_to_see_them": round(tracked_after, 3),
+                "messages": dict(tracker.counts)} if presence_tracker else None,
             "held_seconds": hold,
             "disconnects_while_held": held.disconnects,
             "stop": {"published": final.published, "received": final.received},
-            "command": f"python -m bench.simulator --devices {devices} --via {via}",
+            "mosquitto_options": list(mosquitto_options),
+            "command": f"python -m bench.simulator --devices {devices} --via {via}"
+                       + (f" --hold {hold:g}" if hold else "")
+                       + "".join(f" --mosquitto-option '{o}'" for o in mosquitto_options)
+                       + ("" if presence_tracker else " --no-presence-tracker"),
         }
         if result_name:
             result["json"] = str(write_result(result_name, result))
@@ -170,13 +182,19 @@ def main() -> None:
                         help="seconds to stay connected before stopping")
     parser.add_argument("--database", default="ensoul_bench_sim",
                         help="recreated, then dropped (must start with ensoul_bench)")
+    parser.add_argument("--mosquitto-option", action="append", default=[],
+                        help="an extra line for the Mosquitto config (what-if), repeatable")
+    parser.add_argument("--no-presence-tracker", action="store_true",
+                        help="do not run the platform's presence tracker during the connects")
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--result-name", default="simulator",
                         help="bench/results/<name>.json ('' for none)")
     args = parser.parse_args()
     result = run(args.devices, args.via, workers=args.workers, hold=args.hold,
                  database=args.database, keep_db=args.keep_db,
-                 result_name=args.result_name or None)
+                 result_name=args.result_name or None,
+                 mosquitto_options=args.mosquitto_option,
+                 presence_tracker=not args.no_presence_tracker)
     print(json.dumps(result, indent=2))
 
 
