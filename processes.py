@@ -18,9 +18,11 @@ from collections.abc import Iterator
 import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
+from werkzeug.serving import make_server
 
 from core.cli import GracefulStop, upgrade_database
-from core.mqtt import platform_target
+from core.embedded_broker import EmbeddedBroker
+from core.mqtt import parse_mqtt_url, platform_target
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +31,17 @@ def register(app: Flask) -> None:
     @app.cli.command("serve")
     @click.option("--host", default="127.0.0.1", show_default=True)
     @click.option("--port", default=8000, show_default=True, type=int)
+    @click.option("--demo-devices", default=0, show_default=True, type=click.IntRange(0, 1000),
+                  help="Simulated devices of the demo tenant that connect and keep presence.")
     @with_appcontext
-    def serve(host: str, port: int) -> None:
+    def serve(host: str, port: int, demo_devices: int) -> None:
         """Run the whole platform in one process (the embedded profile)."""
-        from core.embedded import run_embedded
-
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         if not os.environ.get("ENSOUL_BASE_URL"):  # links in mails and pages follow --port
             app.config["ENSOUL_BASE_URL"] = f"http://{host}:{port}"
         upgrade_database()  # before the periodic jobs touch the tables
-        with _embedded_background(app):
-            run_embedded(app, host, port)
+        with _embedded_broker(app), _embedded_background(app), _demo_fleet(app, demo_devices):
+            _serve_http(app, host, port)
 
     @app.cli.command("broker")
     @with_appcontext
@@ -120,6 +122,59 @@ def run_periodic(app: Flask, stop: threading.Event) -> None:
                 except Exception:  # a failed tick is logged; the next one tries again
                     log.exception("periodic job %s failed to run", job.__name__)
         stop.wait(max(0.05, min(due) - time.monotonic()))
+
+
+def _serve_http(app: Flask, host: str, port: int) -> None:
+    server = make_server(host, port, app, threaded=True)
+    stop = GracefulStop()
+    thread = threading.Thread(target=server.serve_forever, name="web", daemon=True)
+    thread.start()
+    click.echo(f"Ensoul (embedded) is running: http://{host}:{port}/  (Ctrl-C stops it)")
+    stop.event.wait()
+    server.shutdown()
+    click.echo("stopped")
+
+
+@contextlib.contextmanager
+def _embedded_broker(app: Flask) -> Iterator[None]:
+    """The in-process MQTT broker with the registry's access rules."""
+    from fleet.broker_access.embedded import broker_plugins
+
+    target = parse_mqtt_url(app.config["MQTT_URL"])
+    if not target.embedded:
+        yield
+        return
+    broker = EmbeddedBroker(target, broker_plugins(app))
+    broker.start()
+    try:
+        yield
+    finally:
+        broker.stop()
+
+
+@contextlib.contextmanager
+def _demo_fleet(app: Flask, count: int) -> Iterator[None]:
+    """``count`` simulated devices of the demo tenant, connected through the real MQTT path.
+
+    Their passwords are issued afresh at each start (only hashes are stored).
+    """
+    if count <= 0:
+        yield
+        return
+    from bench.simulator import DeviceIdentity, SimulatedFleet
+    from demo import demo_device_credentials
+
+    with app.app_context():
+        credentials = demo_device_credentials(count)
+    identities = [DeviceIdentity.from_mqtt_info(info, serial=serial, firmware_version="1.4.2")
+                  for serial, info in credentials]
+    fleet = SimulatedFleet(identities, workers=1)
+    report = fleet.start(timeout=60)
+    click.echo(f"{report.connected} simulated demo devices are online")
+    try:
+        yield
+    finally:
+        fleet.stop()
 
 
 @contextlib.contextmanager

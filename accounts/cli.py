@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from accounts import services
 from accounts.models import Role, Tenant, TenantStatus, TokenScope
-from core.cli import check_database
+from core.cli import check_database, upgrade_database
 from core.db import db
 from core.errors import EnsoulError
 
@@ -142,7 +142,8 @@ def register(app: Flask) -> None:
     @with_appcontext
     @command_boundary
     def seed_demo_command() -> None:
-        """Create the demo tenant and its owner (safe to run twice)."""
+        """Create the demo tenant and its owner (safe to run twice; migrates first)."""
+        upgrade_database()
         tenant, raw = seed_demo()
         click.echo(f"demo tenant: {tenant.name}; log in as {DEMO_EMAIL} / {DEMO_PASSWORD}")
         if raw:

@@ -2,7 +2,7 @@
 
 amqtt has no ``$share`` subscriptions and no ``%u`` ACL patterns; the embedded profile runs a
 single broker process and applies device rules through amqtt's auth and topic plugins
-(``fleet.broker_access.embedded``), which need the Flask app to reach the registry.
+(``fleet.broker_access.embedded.broker_plugins``), handed in by whoever starts it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import threading
 from typing import Any
 
 from amqtt.broker import Broker
-from flask import Flask, current_app, has_app_context
 
 from core.mqtt import MqttTarget
 
@@ -21,25 +20,13 @@ log = logging.getLogger(__name__)
 
 
 class EmbeddedBroker:
-    def __init__(self, target: MqttTarget, plugins: dict[str, Any] | None = None,
-                 app: Flask | None = None) -> None:
+    def __init__(self, target: MqttTarget, plugins: dict[str, Any]) -> None:
         self.target = target
-        if app is None and has_app_context():
-            app = current_app._get_current_object()  # type: ignore[attr-defined]
-        self.plugins = plugins or self.default_plugins(app)
+        self.plugins = plugins
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mqtt-broker",
                                         daemon=True)
         self._broker: Broker | None = None
-
-    @staticmethod
-    def default_plugins(app: Flask | None) -> dict[str, Any]:
-        """The platform's access rules; anonymous access only for a bare broker without an app."""
-        if app is None:
-            return {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
-        from fleet.broker_access.embedded import broker_plugins  # the registry's rules
-
-        return broker_plugins(app)
 
     def start(self, timeout: float = 10.0) -> None:
         self._thread.start()

@@ -11,4 +11,4 @@ port="${PORT:-8000}"
 .venv/bin/flask --app app db-upgrade
 .venv/bin/flask --app app seed-demo
 echo "Portal: http://127.0.0.1:${port}/   REST API docs: http://127.0.0.1:${port}/api/v1/docs"
-exec .venv/bin/flask --app app serve --host 127.0.0.1 --port "$port"
+exec .venv/bin/flask --app app serve --host 127.0.0.1 --port "$port" --demo-devices "${DEMO_DEVICES:-5}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -14,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.processes import ManagedProcess, flask_command
-from tests.support.waiting import free_port, port_open
+from tests.support.processes import PROJECT_ROOT, ManagedProcess, flask_command
+from tests.support.waiting import free_port, port_open, wait_until
 
 
 def fetch(port: int, path: str) -> tuple[int, str]:
@@ -72,3 +73,35 @@ def test_embedded_serve_boots_serves_and_stops(embedded_server: EmbeddedServer) 
     assert code == 0, server.process.output()[-3000:]
     assert not port_open("127.0.0.1", server.port)
     assert not port_open("127.0.0.1", server.mqtt_port)
+
+
+def test_the_quickstart_demo_devices_come_online(tmp_path: Path, log_dir: Path) -> None:
+    """``serve --demo-devices`` (what scripts/demo.sh runs): the demo tenant's simulated
+    devices connect to the in-process broker with their own credentials and show online."""
+    port, mqtt_port = free_port(), free_port()
+    env = {"ENSOUL_PROFILE": "embedded", "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}",
+           "MQTT_URL": f"embedded://127.0.0.1:{mqtt_port}"}
+    seed_env = {k: v for k, v in os.environ.items()
+                if k not in ("REDIS_URL", "SECRET_KEY", "ENSOUL_ENCRYPTION_KEY")}
+    seed = subprocess.run(flask_command("seed-demo"), env={**seed_env, **env}, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert seed.returncode == 0, seed.stderr
+    token = next(line.rsplit(" ", 1)[1] for line in seed.stdout.splitlines()
+                 if line.startswith("demo API token"))
+    server = ManagedProcess(f"demo-{port}", flask_command(
+        "serve", "--port", str(port), "--demo-devices", "3"), log_dir=log_dir, env=env,
+        ready=lambda: port_open("127.0.0.1", port))
+    server.start(timeout=90)
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/fleet/summary",
+                                         headers={"Authorization": f"Bearer {token}"})
+
+        def three_online() -> bool:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return json.loads(answer.read())["online"] == 3
+
+        wait_until(three_online, 30, what="3 demo devices online")
+        assert "3 simulated demo devices are online" in server.output()
+    finally:
+        server.signal(signal.SIGTERM)
+        assert server.stop(timeout=30) == 0, server.output()[-3000:]

@@ -27,6 +27,7 @@ from core.db import db
 from core.embedded_broker import EmbeddedBroker
 from core.mqtt import MqttTarget, parse_mqtt_url
 from fleet import services
+from fleet.broker_access.embedded import broker_plugins
 from fleet.models import Device, HardwareKind, Product
 from tests.conftest import MosquittoInstance
 from tests.factories import TenantFactory
@@ -63,7 +64,8 @@ def embedded_broker(committed_app: Any, monkeypatch: pytest.MonkeyPatch) -> Iter
     """The embedded profile's amqtt broker with the platform's access plugins, on a free port."""
     monkeypatch.setitem(committed_app.config, "MQTT_URL", f"embedded://127.0.0.1:{free_port()}")
     monkeypatch.setitem(committed_app.config, "ENSOUL_MQTT_ACCESS", "embedded")
-    broker = EmbeddedBroker(parse_mqtt_url(committed_app.config["MQTT_URL"]), app=committed_app)
+    broker = EmbeddedBroker(parse_mqtt_url(committed_app.config["MQTT_URL"]),
+                            broker_plugins(committed_app))
     broker.start()
     yield broker.target
     broker.stop()
