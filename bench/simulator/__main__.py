@@ -91,8 +91,8 @@ def platform_online(app: Any, tenant_id: uuid.UUID, expected: int,
 def run(devices: int = 1000, via: str = "import", *, workers: int | None = None,
         hold: float = 0.0, database: str = "ensoul_bench_sim", keep_db: bool = False,
         result_name: str | None = "simulator",
-        mosquitto_options: Sequence[str] = (), presence_tracker: bool = True
-        ) -> dict[str, Any]:
+        mosquitto_options: Sequence[str] = (), presence_tracker: bool = True,
+        connect_concurrency: int = 8) -> dict[str, Any]:
     from app import create_app
     from core.db import db
     from fleet.broker_access.mosquitto import MosquittoFiles
@@ -131,7 +131,8 @@ def run(devices: int = 1000, via: str = "import", *, workers: int | None = None,
         if presence_tracker:
             tracker.start()
             tracker.subscribed.wait(10)
-        fleet = SimulatedFleet(identities, workers=workers)
+        fleet = SimulatedFleet(identities, workers=workers,
+                               connect_concurrency=connect_concurrency)
         try:
             connect = fleet.start()
             online = count_online(server, identities)
@@ -184,6 +185,8 @@ def main() -> None:
                         help="recreated, then dropped (must start with ensoul_bench)")
     parser.add_argument("--mosquitto-option", action="append", default=[],
                         help="an extra line for the Mosquitto config (what-if), repeatable")
+    parser.add_argument("--connect-concurrency", type=int, default=8,
+                        help="connects in flight per worker")
     parser.add_argument("--no-presence-tracker", action="store_true",
                         help="do not run the platform's presence tracker during the connects")
     parser.add_argument("--keep-db", action="store_true")
@@ -194,7 +197,8 @@ def main() -> None:
                  database=args.database, keep_db=args.keep_db,
                  result_name=args.result_name or None,
                  mosquitto_options=args.mosquitto_option,
-                 presence_tracker=not args.no_presence_tracker)
+                 presence_tracker=not args.no_presence_tracker,
+                 connect_concurrency=args.connect_concurrency)
     print(json.dumps(result, indent=2))
 
 

@@ -100,7 +100,7 @@ class Worker:
         return True
 
     async def _connect_all(self) -> None:
-        limit = asyncio.Semaphore(self.options.get("connect_concurrency", 32))
+        limit = asyncio.Semaphore(self.options.get("connect_concurrency", 8))
         timeout = self.options.get("connect_timeout", 30.0)
 
         async def one(device: AsyncDevice) -> None:
