@@ -34,6 +34,9 @@ def reset_session() -> None:
 
 def log_in(user: User, tenant_id: uuid.UUID | None = None) -> None:
     reset_session()
+    # A permanent session expires: its signed cookie is refused after
+    # PERMANENT_SESSION_LIFETIME (12 hours) and the user logs in again.
+    session.permanent = True
     if tenant_id is not None:
         session["tenant_id"] = str(tenant_id)
     login_user(SessionUser(user))
