@@ -70,8 +70,8 @@ def bootstrap(client: Any, key: str, mac: str = "a4:cf:12:34:56:78") -> Any:
 # --- products ------------------------------------------------------------------------------
 
 
-def test_product_crud_shows_the_enrolment_key_only_at_creation(client: Any, vendor: Vendor,
-                                                               ) -> None:
+def test_product_crud_shows_the_enrolment_key_only_at_creation(
+        client: Any, vendor: Vendor) -> None:
     created = client.post(f"{API}/products", json={
         "name": "  Reading Glasses ", "hardware_kind": "glasses", "description": "G2",
         "requires_hardware_binding": True}, headers=vendor.headers)
