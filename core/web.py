@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError
+from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from core.api import API_PREFIX
@@ -117,6 +118,15 @@ def init_app(app: Flask) -> None:
         if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
             headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
         return render_error(error, status, headers)
+
+    @app.errorhandler(IntegrityError)
+    def _integrity_error(exc: IntegrityError) -> Response:
+        # Services check uniqueness first; a concurrent request can still win the race, and
+        # the database's constraint then decides. The loser gets a 409, never a 500.
+        db.session.rollback()
+        log.info("integrity error answered 409: %s", str(exc.orig).splitlines()[0])
+        return render_error(EnsoulError("This conflicts with a change made at the same time; "
+                                        "reload and try again.", code="conflict"), 409)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -276,7 +276,7 @@ def get_import(import_id: str) -> Any:
     return get_owned(DeviceImport, import_id)
 
 
-@blp.route("/device-imports/<import_id>/credentials.csv", methods=["GET"])
+@blp.route("/device-imports/<import_id>/credentials.csv", methods=["POST"])
 @owned_resource(DeviceImport)
 @require(perm.FLEET_WRITE)
 @blp.response(200, {"type": "string"}, content_type="text/csv")

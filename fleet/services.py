@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Select, delete, func, select
+from sqlalchemy.orm import selectinload
 
 from accounts import services as accounts
 from core.crypto import encrypt, new_token, sha256_hex
@@ -390,8 +391,9 @@ def delete_tags_of(device: Device) -> None:
 
 def search_devices(tenant_id: uuid.UUID, filters: dict[str, Any],
                    online_ids: set[str] | None = None) -> Select[Any]:
-    """The tenant's devices matching every given filter (keyset pagination by id)."""
-    stmt = scoped(Device, tenant_id)
+    """The tenant's devices matching every given filter (keyset pagination by id); tags are
+    loaded for the whole page in one more query."""
+    stmt = scoped(Device, tenant_id).options(selectinload(Device.tags))
     if filters.get("q"):
         q = filters["q"].strip()
         stmt = stmt.where((Device.serial.startswith(q, autoescape=True))

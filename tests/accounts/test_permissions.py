@@ -56,7 +56,8 @@ def test_read_token_reads_everything_and_writes_nothing(client: Any, mailbox: An
     endpoint = endpoints()[key]
     route = route_for(client.application, key)
     url, _ = url_with_rows_of(route, setup.tenant)
-    response = client.open(url, method=route.method, headers=auth(reader), json=endpoint.body)
+    response = client.open(url, method=route.method, headers=auth(reader),
+                           **endpoint.request(setup.tenant))
     if route.method == "GET":
         assert endpoint.permission in SCOPE_PERMISSIONS[TokenScope.READ]
         assert response.status_code == 200, response.get_data(as_text=True)[:500]
@@ -74,7 +75,7 @@ def test_write_token_may_call_everything(client: Any, mailbox: Any,
     route = route_for(client.application, key)
     url, _ = url_with_rows_of(route, setup.tenant)
     response = client.open(url, method=route.method, headers=setup.headers,
-                           json=endpoints()[key].body)
+                           **endpoints()[key].request(setup.tenant))
     assert 200 <= response.status_code < 300, response.get_data(as_text=True)[:500]
 
 

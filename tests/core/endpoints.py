@@ -36,7 +36,17 @@ IGNORED_METHODS = {"HEAD", "OPTIONS"}
 class Endpoint:
     permission: str
     roles: frozenset[Role]  # the roles whose members may call it (portal sessions)
-    body: dict[str, Any] | None = None  # a valid JSON body, for methods that take one
+    # A valid body, for methods that take one; ``body(tenant)`` when it must name the caller's
+    # own rows (a product to add a device to, a code to claim).
+    body: dict[str, Any] | Callable[[Any], dict[str, Any]] | None = None
+    multipart: bool = False  # sent as a form; files as ``(stream, filename)``
+
+    def request(self, tenant: Any) -> dict[str, Any]:
+        """The test client's keyword arguments that send this endpoint's body as ``tenant``."""
+        body = self.body(tenant) if callable(self.body) else self.body
+        if self.multipart:
+            return {"data": body, "content_type": "multipart/form-data"}
+        return {"json": body}
 
 
 def _domain_tables() -> list[Any]:

@@ -53,7 +53,7 @@ def test_every_owned_resource_is_checked_across_tenants(client: Any, mailbox: An
                             "ENDPOINTS, so a 404 could hide behind a 422")
             continue
         response = client.open(url, method=route.method, headers=mine.headers,
-                               json=endpoint.body if endpoint else None)
+                               **(endpoint.request(mine.tenant) if endpoint else {}))
         error = (response.get_json(silent=True) or {}).get("error", {})
         if response.status_code != 404 or error.get("code") != "not_found":
             failures.append(f"{route.method} {route.rule}: {response.status_code} {error}")

@@ -256,3 +256,6 @@ def service_client(make: Callable[..., MqttClient], instance: MosquittoInstance,
     client = make(instance, instance.service_user, instance.service_password)
     assert client.connect().is_failure is False
     return client
+
+# The registry, import and bootstrap tests' fixtures (defined in tests/fleet/fixtures.py).
+from tests.fleet.fixtures import other_vendor, vendor  # noqa: E402,F401

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import uuid
 from typing import Any
 
 from accounts.models import Role, Tenant
 from core.db import db
-from fleet import imports, services
+from fleet import activation, imports, services
 from fleet.models import Device, DeviceImport, HardwareKind, Product
 from tests.core.endpoints import ALL_ROLES, Endpoint
 
@@ -20,7 +21,7 @@ def _read() -> Endpoint:
     return Endpoint(READ, ALL_ROLES)
 
 
-def _write(body: dict[str, Any] | None = None) -> Endpoint:
+def _write(body: Any = None) -> Endpoint:
     return Endpoint(WRITE, FLEET_WRITERS, body)
 
 
@@ -34,7 +35,8 @@ ENDPOINTS = {
     ("/api/v1/products/<product_id>", "PATCH"): _write({"description": "Walked"}),
     ("/api/v1/products/<product_id>/enrolment-key", "POST"): _write(),
     ("/api/v1/devices", "GET"): _read(),
-    ("/api/v1/devices", "POST"): _write({"product_id": str(uuid.uuid4()), "serial": "WALK-1"}),
+    ("/api/v1/devices", "POST"): _write(
+        lambda tenant: {"product_id": str(_product(tenant).id), "serial": "WALK-1"}),
     ("/api/v1/devices/export.csv", "GET"): _read(),
     ("/api/v1/devices/bulk", "POST"): _write(
         {"action": "suspend", "device_ids": [str(uuid.uuid4())]}),
@@ -51,10 +53,13 @@ ENDPOINTS = {
     (f"{DEVICE}/credentials", "DELETE"): _write(),
     (f"{DEVICE}/events", "GET"): _read(),
     ("/api/v1/device-imports", "GET"): _read(),
-    ("/api/v1/device-imports", "POST"): _write({"product_id": str(uuid.uuid4())}),
+    ("/api/v1/device-imports", "POST"): Endpoint(WRITE, FLEET_WRITERS, lambda tenant: {
+        "product_id": str(_product(tenant).id),
+        "file": (io.BytesIO(b"serial\nWALK-1\n"), "walk.csv")}, multipart=True),
     (IMPORT, "GET"): _read(),
-    (f"{IMPORT}/credentials.csv", "GET"): _write(),
-    ("/api/v1/activation-codes/claim", "POST"): _write({"code": "123456"}),
+    (f"{IMPORT}/credentials.csv", "POST"): _write(),
+    ("/api/v1/activation-codes/claim", "POST"): _write(
+        lambda tenant: {"code": _code_shown_by_a_device(tenant)}),
 }
 
 
@@ -81,6 +86,14 @@ def _import(tenant: Tenant) -> DeviceImport:
                                    .encode(), filename="walk.csv", issue_credentials=True)
     db.session.commit()
     return batch
+
+
+def _code_shown_by_a_device(tenant: Tenant) -> str:
+    """The activation code a device of ``tenant`` shows after bootstrapping."""
+    device = services.create_device(_product(tenant), f"WALK-{uuid.uuid4().hex[:12]}")
+    code = activation.challenge_for(device).code
+    db.session.commit()
+    return code
 
 
 CREATORS: dict[type, Any] = {

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from core.db import db, utcnow
 from fleet import activation, credentials, hooks, services
 from fleet.models import ActivationChallenge, Device, DeviceEvent, DeviceStatus
-from tests.fleet.fixtures import make_vendor, other_vendor, vendor  # noqa: F401
+from tests.fleet.fixtures import make_vendor
 
 HARDWARE_KEY = "8f" * 32
 

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from core.db import db
 from fleet import credentials
 from fleet.models import Device, DeviceStatus
-from tests.fleet.fixtures import other_vendor, upload, vendor  # noqa: F401
+from tests.fleet.fixtures import upload
 
 GOOD = (
     "serial,mac,name,group,tags,hardware_key\n"
@@ -29,7 +29,8 @@ def device_count(tenant_id: Any) -> int:
     ).scalar_one()
 
 
-def test_import_creates_devices_with_tags_groups_and_encrypted_keys(client: Any, vendor: Any) -> None:
+def test_import_creates_devices_with_tags_groups_and_encrypted_keys(client: Any,
+                                                                    vendor: Any) -> None:
     answer = upload(client, vendor, GOOD)
     assert answer.status_code == 201, answer.json
     assert answer.json["row_count"] == 3
@@ -104,7 +105,7 @@ def test_credentials_file_is_one_time_and_matches_the_stored_hashes(client: Any,
     assert answer.status_code == 201
     assert answer.json["credentials_file_available"] is True
     url = f"/api/v1/device-imports/{answer.json['id']}/credentials.csv"
-    first = client.get(url, headers=vendor.headers)
+    first = client.post(url, headers=vendor.headers)
     assert first.status_code == 200
     assert first.headers["Cache-Control"] == "no-store"
     rows = list(csv.DictReader(io.StringIO(first.get_data(as_text=True))))
@@ -116,7 +117,7 @@ def test_credentials_file_is_one_time_and_matches_the_stored_hashes(client: Any,
         assert row["topic_prefix"] == f"t/{device.mqtt_username}"
         assert device.mqtt_password_hash.startswith("$7$101$")
         assert credentials.verify_password(device.mqtt_password_hash, row["mqtt_password"])
-    again = client.get(url, headers=vendor.headers)
+    again = client.post(url, headers=vendor.headers)
     assert again.status_code == 410
     assert again.json["error"]["code"] == "credentials_already_downloaded"
     export = client.get("/api/v1/devices/export.csv", headers=vendor.headers)

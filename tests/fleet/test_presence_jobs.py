@@ -15,7 +15,6 @@ import pytest
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from processes import run_periodic
 from core.db import db
 from core.mqtt import parse_mqtt_url
 from core.queue import get_queue
@@ -24,6 +23,7 @@ from fleet import presence, tasks
 from fleet.broker_access.mosquitto import MosquittoFiles
 from fleet.models import Device
 from fleet.presence import PresenceTracker, record
+from processes import run_periodic
 from tests.conftest import MosquittoInstance
 from tests.fleet.conftest import log_in, make_product, provision
 from tests.support.processes import ManagedProcess, flask_command

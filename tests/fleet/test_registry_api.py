@@ -858,7 +858,7 @@ def test_every_fleet_mutation_is_audited_with_its_actor_and_target(client: Any,
     post("/devices/bulk", json={"action": "retire", "device_ids": [device]})
     batch = upload(client, vendor, "serial\nAUD-2\n", issue_credentials=True)
     assert batch.status_code == 201
-    assert client.get(f"{API}/device-imports/{batch.json['id']}/credentials.csv",
+    assert client.post(f"{API}/device-imports/{batch.json['id']}/credentials.csv",
                       headers=headers).status_code == 200
     code = bootstrap(client, vendor.enrolment_key).json["activation"]["code"]
     claimed = post("/activation-codes/claim", json={"code": code})
