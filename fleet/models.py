@@ -59,6 +59,11 @@ class Device(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
         Index("ix_devices_tenant_product_id", "tenant_id", "product_id", "id"),
         Index("ix_devices_tenant_firmware_id", "tenant_id", "firmware_version", "id"),
         Index("ix_devices_tenant_name", "tenant_id", "name"),
+        # Prefix search (``q``): under a non-C collation Postgres needs pattern operators.
+        Index("ix_devices_tenant_serial_prefix", "tenant_id", "serial",
+              postgresql_ops={"serial": "text_pattern_ops"}),
+        Index("ix_devices_tenant_name_prefix", "tenant_id", "name",
+              postgresql_ops={"name": "text_pattern_ops"}),
     )
 
     product_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("products.id", ondelete="RESTRICT"))
