@@ -34,7 +34,8 @@ def test_a_racing_duplicate_serial_answers_409(committed_app: Any) -> None:
     thread = threading.Thread(target=call)
     thread.start()
     try:
-        with engine.connect() as watcher:
+        # Autocommit: Postgres keeps one snapshot of pg_stat_activity per transaction.
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watcher:
             wait_until(lambda: not thread.is_alive() or watcher.execute(text(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                 "AND datname = current_database()")).scalar(), 10, what="the insert to wait")
