@@ -22,8 +22,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -348,16 +347,6 @@ def device_csv(n: int, prefix: str = "SN", *, tags: bool = True) -> bytes:
 # --- timing and results --------------------------------------------------------------------
 
 
-@contextmanager
-def stopwatch() -> Iterator[dict[str, float]]:
-    box: dict[str, float] = {}
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box["seconds"] = time.perf_counter() - start
-
-
 def percentile(values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100)."""
     if not values:
@@ -399,6 +388,3 @@ def write_result(name: str, payload: dict[str, Any], results_dir: Path = RESULTS
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
     return path
 
-
-def repeat(times: int, func: Callable[[int], float]) -> list[float]:
-    return [func(i) for i in range(times)]
