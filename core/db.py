@@ -130,7 +130,11 @@ def make_engine(url: str, config: Any = None) -> Engine:
     return create_engine(
         url,
         pool_pre_ping=True,
-        connect_args={"options": f"-c statement_timeout={timeout}", "connect_timeout": 5},
+        # Custom plans: a prepared prefix search (``LIKE $1``) would otherwise switch to a
+        # generic plan that cannot use the prefix indexes (docs/benchmarks.md).
+        connect_args={"options": f"-c statement_timeout={timeout} "
+                                 "-c plan_cache_mode=force_custom_plan",
+                      "connect_timeout": 5},
     )
 
 
