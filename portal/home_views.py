@@ -13,6 +13,8 @@ from werkzeug.wrappers import Response
 from accounts.models import Membership
 from core.db import db
 from core.tenancy import scoped
+from fleet import presence
+from fleet import services as fleet_services
 from portal.blueprint import before_two_factor, bp, public
 from portal.labels import LANGUAGE_NAMES
 from portal.login_session import safe_next
@@ -25,11 +27,15 @@ EXAMPLE_AMOUNT = decimal.Decimal("12800.50")
 def dashboard() -> str:
     tenant = g.get("tenant")
     members = 0
+    fleet = None
     if tenant is not None:
         members = db.session.execute(
             select(func.count()).select_from(scoped(Membership).subquery())
         ).scalar_one()
-    return render_template("dashboard.html", tenant=tenant, members=members,
+        by_status = fleet_services.count_by_status(tenant.id)
+        fleet = {"total": sum(by_status.values()), "by_status": by_status,
+                 "online": presence.online_count(tenant.id)}
+    return render_template("dashboard.html", tenant=tenant, members=members, fleet=fleet,
                            example_amount=EXAMPLE_AMOUNT, now=dt.datetime.now(dt.UTC))
 
 
