@@ -67,13 +67,6 @@ def platform_target(config: MutableMapping[str, Any]) -> MqttTarget:
     return replace(target, username=EMBEDDED_SERVICE_USER, password=password)
 
 
-def set_nodelay(client: paho.Client) -> None:
-    """paho never sets TCP_NODELAY; without it a second small message waits ~40 ms."""
-    sock = client.socket()
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def new_client(client_id: str, target: MqttTarget) -> paho.Client:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
     if target.username:

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Select, Uuid, all_, any_, bindparam, delete, func, select
+from sqlalchemy import Select, Uuid, all_, any_, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import selectinload
 
@@ -189,21 +189,13 @@ def _set_tags(device: Device, tags: list[str]) -> None:
     device.tags = [DeviceTag(tenant_id=device.tenant_id, tag=t) for t in tags]
 
 
-def _unique_checks(tenant_id: uuid.UUID, serial: str, mac: str | None,
-                   exclude: uuid.UUID | None = None) -> None:
-    stmt = scoped(Device, tenant_id).where(Device.serial == serial)
-    if exclude:
-        stmt = stmt.where(Device.id != exclude)
-    if db.session.execute(stmt).first():
-        raise Conflict("A device with this serial exists.", code="duplicate_serial",
-                       details={"serial": ["Already registered."]})
-    if mac:
-        stmt = scoped(Device, tenant_id).where(Device.mac == mac)
-        if exclude:
-            stmt = stmt.where(Device.id != exclude)
-        if db.session.execute(stmt).first():
-            raise Conflict("A device with this MAC exists.", code="duplicate_mac",
-                           details={"mac": ["Already registered."]})
+def _unique_checks(tenant_id: uuid.UUID, serial: str, mac: str | None) -> None:
+    """Friendly 409s before the insert; the unique constraints still decide under a race."""
+    for column, value, label in ((Device.serial, serial, "serial"), (Device.mac, mac, "MAC")):
+        if value and db.session.execute(scoped(Device, tenant_id).where(column == value)).first():
+            field = column.key
+            raise Conflict(f"A device with this {label} exists.", code=f"duplicate_{field}",
+                           details={field: ["Already registered."]})
 
 
 def create_device(product: Product, serial: str, *, mac: str | None = None, name: str = "",
@@ -381,10 +373,6 @@ def bulk_action(tenant_id: uuid.UUID, device_ids: Sequence[uuid.UUID], action: s
         except EnsoulError as exc:
             failed[str(device_id)] = exc.code
     return {"changed": done, "failed": failed}
-
-
-def delete_tags_of(device: Device) -> None:
-    db.session.execute(delete(DeviceTag).where(DeviceTag.device_id == device.id))
 
 
 # --- search -------------------------------------------------------------------------------

@@ -314,7 +314,3 @@ def _services_required() -> None:
                     "$(ls /etc/postgresql) main start")
     if not port_open("127.0.0.1", 6379):
         pytest.fail("Redis is not running: redis-server --daemonize yes --port 6379 --save ''")
-
-
-def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
-    wait_until(lambda: port_open(host, port), timeout, what=f"{host}:{port}")

@@ -90,15 +90,20 @@ async def _login(app: Flask, username: str) -> DeviceLogin | None:
     return await asyncio.to_thread(logins.get, app, username)
 
 
-class EmbeddedAuthPlugin(BaseAuthPlugin):
+class _PlatformRules:
+    """What both plugins need: the Flask app (from the plugin config) and the service login."""
+
     @dataclass
     class Config:
         app: Any = None
 
     def __init__(self, context: BaseContext) -> None:
-        super().__init__(context)
-        self.app: Flask = self.config.app
+        super().__init__(context)  # type: ignore[call-arg]
+        self.app: Flask = self.config.app  # type: ignore[attr-defined]
         self.service = service_account(self.app.config)
+
+
+class EmbeddedAuthPlugin(_PlatformRules, BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool | None:
         try:
@@ -116,15 +121,7 @@ class EmbeddedAuthPlugin(BaseAuthPlugin):
             return False
 
 
-class EmbeddedTopicPlugin(BaseTopicPlugin):
-    @dataclass
-    class Config:
-        app: Any = None
-
-    def __init__(self, context: BaseContext) -> None:
-        super().__init__(context)
-        self.app: Flask = self.config.app
-        self.service = service_account(self.app.config)
+class EmbeddedTopicPlugin(_PlatformRules, BaseTopicPlugin):
 
     async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
                               action: Action | None = None) -> bool | None:
