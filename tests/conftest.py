@@ -32,6 +32,7 @@ from aiosmtpd.controller import Controller
 from flask import g
 from flask.testing import FlaskClient
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from app import create_app
 from core.db import Base, db
@@ -191,10 +192,19 @@ def app(base_app: Any, redis_client: redis_lib.Redis) -> Iterator[Any]:
 
 
 def truncate_all(app: Any) -> None:
+    """Empty every table. A request of a live server may still be finishing (a browser's last
+    fetch): a deadlock or lock wait with it is retried, never a reason to fail the test."""
     engine = app.extensions["ensoul_db_engine"]
     tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+                conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            return
+        except OperationalError:
+            if attempt == 4:
+                raise
 
 
 @pytest.fixture
