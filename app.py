@@ -57,6 +57,9 @@ def create_app(config_override: dict[str, Any] | None = None) -> Flask:
 
     auth.init_app(app)
     api.init_app(app)
+    from inference import services as inference_services
+
+    inference_services.init_app(app)
     _register_blueprints(app)
     _register_cli(app)
     return app

@@ -46,24 +46,50 @@ def register(app: Flask) -> None:
     @app.cli.command("broker")
     @with_appcontext
     def broker() -> None:
-        """The broker process: tracks device presence (inference brokering joins it later)."""
+        """The broker process: streams inference answers and tracks device presence.
+
+        Run one per core; they share the devices' messages through shared subscriptions.
+        """
         from fleet.presence import PresenceTracker
+        from inference.service import BrokerThread
 
         if current_app.config["EMBEDDED"]:
-            raise click.ClickException("the embedded profile tracks presence inside `serve`")
+            raise click.ClickException("the embedded profile runs the broker inside `serve`")
         stop = GracefulStop()
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
         target = platform_target(current_app.config)
-        tracker = PresenceTracker(current_app._get_current_object(),  # type: ignore[attr-defined]
-                                  target, shared=True)
+        _serve_metrics(app)
+        tracker = PresenceTracker(app, target, shared=True)
         tracker.start()
-        log.info("broker started: presence tracker on %s", target.safe_url)
+        inference = BrokerThread(app, target, shared=True)
+        inference.start()
+        log.info("broker started: inference and presence on %s", target.safe_url)
         click.echo("broker started", err=True)
-        while not stop.event.wait(0.5):
-            if tracker.refused.is_set():
-                tracker.stop()
-                raise click.ClickException(f"{target.safe_url} refused the platform's login")
-        tracker.stop()
+        try:
+            while not stop.event.wait(0.5):
+                if tracker.refused.is_set() or inference.refused.is_set():
+                    raise click.ClickException(f"{target.safe_url} refused the platform's login")
+                if inference.failed is not None:
+                    raise click.ClickException(f"the inference broker failed: {inference.failed}")
+        finally:
+            inference.stop()
+            tracker.stop()
         click.echo("broker stopped", err=True)
+        sys.exit(0)
+
+    @app.cli.command("usage-writer")
+    @with_appcontext
+    def usage_writer() -> None:
+        """Writes the usage events of the Redis streams to Postgres (one or more processes)."""
+        from inference.usage import run_usage_writer
+
+        if current_app.config["EMBEDDED"]:
+            raise click.ClickException("the embedded profile writes usage inside `serve`")
+        stop = GracefulStop()
+        click.echo("usage writer started", err=True)
+        run_usage_writer(current_app._get_current_object(),  # type: ignore[attr-defined]
+                         stop.event)
+        click.echo("usage writer stopped", err=True)
         sys.exit(0)
 
     @app.cli.command("scheduler")
@@ -101,9 +127,10 @@ def run_periodic(app: Flask, stop: threading.Event) -> None:
     """
     from core.queue import enqueue
     from core.redis import get_redis, name
-    from fleet.tasks import periodic_jobs
+    from fleet.tasks import periodic_jobs as fleet_jobs
+    from inference.tasks import periodic_jobs as inference_jobs
 
-    jobs = periodic_jobs(app.config)
+    jobs = fleet_jobs(app.config) + inference_jobs(app.config)
     due = [0.0] * len(jobs)
     while not stop.is_set():
         for index, (every, job) in enumerate(jobs):
@@ -177,20 +204,38 @@ def _demo_fleet(app: Flask, count: int) -> Iterator[None]:
         fleet.stop()
 
 
+def _serve_metrics(app: Flask) -> None:
+    port = int(app.config["ENSOUL_INFERENCE_METRICS_PORT"])
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr="127.0.0.1")
+
+
 @contextlib.contextmanager
 def _embedded_background(app: Flask) -> Iterator[None]:
-    """What the Procfile's broker and scheduler do, as threads of the embedded server."""
+    """What the Procfile's broker, usage writer and scheduler do, as threads of ``serve``."""
     from fleet.presence import PresenceTracker
+    from inference.service import BrokerThread
+    from inference.usage import run_usage_writer
 
     stop = threading.Event()
-    tracker = PresenceTracker(app, platform_target(app.config), shared=False)
+    target = platform_target(app.config)
+    tracker = PresenceTracker(app, target, shared=False)
     tracker.start()  # paho retries until the embedded broker listens
-    periodic = threading.Thread(target=run_periodic, args=(app, stop), name="periodic",
-                                daemon=True)
-    periodic.start()
+    inference = BrokerThread(app, target, shared=False)
+    inference.start()
+    threads = [threading.Thread(target=run_periodic, args=(app, stop), name="periodic",
+                                daemon=True),
+               threading.Thread(target=run_usage_writer, args=(app, stop), name="usage-writer",
+                                daemon=True)]
+    for thread in threads:
+        thread.start()
     try:
         yield
     finally:
         stop.set()
+        inference.stop()
         tracker.stop()
-        periodic.join(10)
+        for thread in threads:
+            thread.join(10)

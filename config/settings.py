@@ -62,6 +62,24 @@ DEFAULTS: dict[str, Any] = {
     "ENSOUL_BOOTSTRAP_RATE_LIMIT": "600/minute",
     "ENSOUL_ARGON2_TIME_COST": 3,
     "ENSOUL_ARGON2_MEMORY_KIB": 65536,
+    # inference broker
+    "ENSOUL_INFERENCE_PROVIDER": "local",  # the default provider kind for every tenant
+    "ENSOUL_INFERENCE_REQUESTS_PER_MINUTE": 60,  # per device; a product may only tighten it
+    "ENSOUL_INFERENCE_CONCURRENT_STREAMS": 2,
+    "ENSOUL_INFERENCE_DAILY_REQUEST_CAP": 0,  # 0: none
+    "ENSOUL_INFERENCE_DEDUP_HOURS": 24,  # request ids are remembered this long per device
+    "ENSOUL_INFERENCE_REQUEST_TIMEOUT_SECONDS": 120,
+    "ENSOUL_INFERENCE_COALESCE_MS": 20,  # later deltas wait at most this long to be merged
+    "ENSOUL_INFERENCE_COALESCE_BYTES": 512,
+    "ENSOUL_INFERENCE_CHECKPOINT_MS": 250,
+    "ENSOUL_INFERENCE_DEVICE_MESSAGES_PER_SECOND": 20,  # JSON floods beyond this are dropped
+    "ENSOUL_INFERENCE_METRICS_PORT": 0,  # Prometheus /metrics of the broker process; 0: off
+    "ENSOUL_LOCAL_TTFT_MS": 150,
+    "ENSOUL_LOCAL_TOKENS_PER_SECOND": 30,
+    "ENSOUL_LOCAL_ANSWER_TOKENS": 40,
+    "ENSOUL_MEMORY_TTL_SECONDS": 86400,
+    "ENSOUL_MEMORY_MAX_TURNS": 20,
+    "ENSOUL_MEMORY_MAX_TOKENS": 4000,
 }
 
 BOOL_KEYS = {"ENSOUL_LOG_JSON", "ENSOUL_COOKIE_SECURE", "ENSOUL_SMTP_STARTTLS",
@@ -78,7 +96,22 @@ INT_KEYS = {
     "ENSOUL_ACTIVATION_CODE_TTL_HOURS",
     "ENSOUL_PRESENCE_FLUSH_SECONDS",
     "ENSOUL_MQTT_ROTATION_GRACE_MINUTES",
+    "ENSOUL_INFERENCE_REQUESTS_PER_MINUTE",
+    "ENSOUL_INFERENCE_CONCURRENT_STREAMS",
+    "ENSOUL_INFERENCE_DAILY_REQUEST_CAP",
+    "ENSOUL_INFERENCE_DEDUP_HOURS",
+    "ENSOUL_INFERENCE_REQUEST_TIMEOUT_SECONDS",
+    "ENSOUL_INFERENCE_COALESCE_MS",
+    "ENSOUL_INFERENCE_COALESCE_BYTES",
+    "ENSOUL_INFERENCE_CHECKPOINT_MS",
+    "ENSOUL_INFERENCE_DEVICE_MESSAGES_PER_SECOND",
+    "ENSOUL_INFERENCE_METRICS_PORT",
+    "ENSOUL_LOCAL_ANSWER_TOKENS",
+    "ENSOUL_MEMORY_TTL_SECONDS",
+    "ENSOUL_MEMORY_MAX_TURNS",
+    "ENSOUL_MEMORY_MAX_TOKENS",
 }
+FLOAT_KEYS = {"ENSOUL_LOCAL_TTFT_MS", "ENSOUL_LOCAL_TOKENS_PER_SECOND"}
 SERVICE_URL_KEYS = ("DATABASE_URL", "REDIS_URL", "MQTT_URL")
 
 
@@ -103,6 +136,11 @@ def _coerce(key: str, value: Any) -> Any:
         return value
     if key in BOOL_KEYS:
         return value.strip().lower() in {"1", "true", "yes", "on"}
+    if key in FLOAT_KEYS:
+        try:
+            return float(value)
+        except ValueError as exc:
+            raise SettingsError(f"{key} must be a number, got {value!r}") from exc
     if key in INT_KEYS:
         try:
             return int(value)

@@ -26,6 +26,20 @@ def connect(url: str, **options: Any) -> redis.Redis:
     return redis.Redis.from_url(url, **options)
 
 
+def connect_async(url: str, **options: Any) -> Any:
+    """An asyncio client (``redis.asyncio.Redis``) for the broker's event loop."""
+    if url.startswith("memory://"):
+        import fakeredis
+
+        server = _memory_servers.setdefault(url, fakeredis.FakeServer())
+        return fakeredis.FakeAsyncRedis(server=server, **options)
+    import redis.asyncio
+
+    options.setdefault("socket_connect_timeout", 2)
+    options.setdefault("health_check_interval", 30)
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
 class RedisExtension:
     def __init__(self) -> None:
         self.client: redis.Redis | None = None

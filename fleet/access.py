@@ -33,9 +33,12 @@ def devices_changed(tenant_id: uuid.UUID, device_ids: Iterable[uuid.UUID]) -> No
 
 
 def _after_commit(pending: dict[str, set[str]]) -> None:
+    from fleet.hooks import run_registry_hooks
+
     try:
         client = get_redis()
         for tenant_id, ids in pending.items():
+            run_registry_hooks(uuid.UUID(tenant_id), [uuid.UUID(i) for i in sorted(ids)])
             client.publish(registry_channel(),
                            json.dumps({"tenant_id": tenant_id, "device_ids": sorted(ids)}))
         schedule_sync()

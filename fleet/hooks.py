@@ -3,10 +3,13 @@
 - Activation hooks run inside the activation's transaction, get the device and its history,
   and may refuse with a typed error (billing assigns a licence seat here).
 - Reset hooks run when a device is reset or transferred (inference deletes its memory here).
+- Registry hooks run after a commit that changed devices, before the registry's pub/sub
+  message goes out (inference writes the devices' admission profiles to Redis here).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 from core.errors import EnsoulError
@@ -14,9 +17,11 @@ from fleet.models import Device, DeviceEvent
 
 ActivationHook = Callable[[Device, list[DeviceEvent]], None]
 ResetHook = Callable[[Device], None]
+RegistryHook = Callable[[uuid.UUID, list[uuid.UUID]], None]
 
 _activation_hooks: list[ActivationHook] = []
 _reset_hooks: list[ResetHook] = []
+_registry_hooks: list[RegistryHook] = []
 
 
 class ActivationRefused(EnsoulError):
@@ -50,3 +55,14 @@ def run_activation_hooks(device: Device, history: list[DeviceEvent]) -> None:
 def run_reset_hooks(device: Device) -> None:
     for hook in list(_reset_hooks):
         hook(device)
+
+
+def register_registry_hook(hook: RegistryHook) -> RegistryHook:
+    if hook not in _registry_hooks:
+        _registry_hooks.append(hook)
+    return hook
+
+
+def run_registry_hooks(tenant_id: uuid.UUID, device_ids: list[uuid.UUID]) -> None:
+    for hook in list(_registry_hooks):
+        hook(tenant_id, device_ids)

@@ -7,6 +7,7 @@ access (``%u`` is the username); the EMQX endpoint and the embedded broker apply
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import current_app
@@ -18,12 +19,17 @@ from fleet.models import Device
 DEVICE_TOPICS: dict[str, str] = {
     "up": "write",  # device -> platform JSON
     "up/audio": "write",  # device -> platform binary audio frames
+    "up/r/+": "write",  # a stream's follow-ups, straight to the broker process holding it
+    "up/r/+/audio": "write",
     "state": "write",  # device-reported state (retained)
     "status": "write",  # presence (retained; also the last will)
     "down": "read",  # platform -> device JSON
     "down/audio": "read",  # platform -> device binary speech frames
     "config": "read",  # OTA configuration (retained)
 }
+
+
+ROUTE_SUFFIX = re.compile(r"up/r/[0-9A-Za-z_-]{1,32}(/audio)?")
 
 
 def acl_patterns() -> list[str]:
@@ -36,7 +42,11 @@ def device_may(username: str, topic: str, action: str) -> bool:
     prefix = f"t/{username}/"
     if not topic.startswith(prefix) or "+" in topic or "#" in topic:
         return False
-    access = DEVICE_TOPICS.get(topic[len(prefix):])
+    suffix = topic[len(prefix):]
+    route = ROUTE_SUFFIX.fullmatch(suffix)
+    if route is not None:
+        suffix = "up/r/+" + (route.group(1) or "")
+    access = DEVICE_TOPICS.get(suffix)
     if access is None:
         return False
     return access == ("write" if action == "publish" else "read")

@@ -1,0 +1,519 @@
+"""One request from admission to its single terminal message.
+
+:meth:`StreamRunner.serve` admits a ``request`` or a voice turn (``listen start``), opens the
+provider stream and forwards it: the first delta the moment it arrives, later ones merged
+for at most ``coalesce_ms``; speech is encoded to Opus frames for ``down/audio``. Whatever
+happens (stop, length, abort, budget cut, provider failure, timeout, shutdown) the stream is
+settled once through the hook and the device gets exactly one ``end`` or ``error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from inference import metrics, protocol
+from inference.audio import AudioError, AudioFormat, Frame, OpusDecoder, OpusEncoder, pack_frame
+from inference.hook import Admission, Refused, keys
+from inference.protocol import ProtocolError
+from inference.providers.base import (
+    ImageInput,
+    ProviderError,
+    ProviderRequest,
+    ProviderUsage,
+    Speech,
+    TextDelta,
+    ToolCall,
+    Transcript,
+)
+from inference.providers.local import estimate_tokens
+from inference.units import Units
+from inference.usage import UsageEvent
+
+if TYPE_CHECKING:
+    from inference.broker import InferenceBroker
+
+log = logging.getLogger(__name__)
+
+FINISHES = ("stop", "length", "abort", "quota_exhausted", "error")
+
+
+class VoiceTurn:
+    """The audio of one voice turn, decoded as it arrives; ``stopped`` ends the listening."""
+
+    def __init__(self, fmt: AudioFormat, max_ms: int) -> None:
+        self.decoder = OpusDecoder(fmt)
+        self.rate = fmt.sample_rate
+        self.pcm = bytearray()
+        self.next_seq = 0
+        self.late = 0
+        self.max_ms = max_ms
+        self.stopped = asyncio.Event()
+        self.error: ProtocolError | None = None
+
+    def add(self, frame: Frame) -> None:
+        if self.stopped.is_set():
+            return
+        if frame.seq < self.next_seq:  # a duplicate or a frame overtaken by a later one
+            self.late += 1
+            return
+        self.next_seq = frame.seq + 1
+        try:
+            self.pcm += self.decoder.decode(frame.packet)
+        except AudioError as exc:
+            self.error = ProtocolError(exc.code, exc.message)
+            self.stopped.set()
+            return
+        if frame.last or self.decoder.decoded_ms >= self.max_ms:
+            self.stopped.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    @property
+    def ms(self) -> int:
+        return int(self.decoder.decoded_ms)
+
+
+@dataclass(slots=True)
+class Stream:
+    prefix: str
+    request_id: str
+    kind: str
+    received: float  # perf_counter() when the request arrived
+    admission: Admission | None = None
+    task: asyncio.Task[Any] | None = None
+    turn: VoiceTurn | None = None
+    used: Units = field(default_factory=Units)
+    reason: str | None = None  # why it was cancelled
+    settled: bool = False
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        if self.turn is not None and not self.turn.stopped.is_set():
+            self.turn.stop()
+        if self.task is not None:
+            self.task.cancel()
+
+
+class BudgetCut(Exception):
+    """The hook refused more budget: the stream ends with ``quota_exhausted``."""
+
+
+class StreamRunner:
+    def __init__(self, broker: InferenceBroker) -> None:
+        self.broker = broker
+        self.settings = broker.settings
+        self.tag = 0
+
+    async def serve(self, prefix: str, tenant_id: str, device_id: str,
+                    message: protocol.Message, received: float) -> None:
+        broker = self.broker
+        try:
+            if isinstance(message, protocol.Hello):
+                await self._hello(prefix, tenant_id, device_id, message)
+            elif isinstance(message, protocol.Request | protocol.Listen):
+                await self._request(prefix, tenant_id, device_id, message, received)
+        except ProtocolError as exc:
+            if not getattr(exc, "repeated", False):
+                broker.send_error(prefix, exc)
+            else:
+                metrics.DROPPED.labels(exc.code).inc()
+        except Exception:
+            log.exception("serving %s failed", prefix)
+            request_id = getattr(message, "id", None)
+            broker.send_error(prefix, ProtocolError("internal", request_id=request_id))
+
+    # --- hello ------------------------------------------------------------------------------
+
+    async def _hello(self, prefix: str, tenant_id: str, device_id: str,
+                     hello: protocol.Hello) -> None:
+        from inference.broker import DEFAULT_DOWNLINK, DEFAULT_UPLINK, profile_refusal
+
+        broker = self.broker
+        profile = await broker.directory.get(tenant_id, device_id)
+        refusal = profile_refusal(profile, None)
+        if refusal is not None:
+            raise refusal
+        assert profile is not None
+        uplink = DEFAULT_UPLINK
+        downlink = DEFAULT_DOWNLINK
+        try:
+            if hello.audio is not None:
+                uplink = AudioFormat.from_dict({**DEFAULT_UPLINK.as_dict(), **hello.audio})
+            wanted = hello.features.get("audio_down")
+            if isinstance(wanted, dict):
+                downlink = AudioFormat.from_dict({**DEFAULT_DOWNLINK.as_dict(), **wanted})
+        except AudioError as exc:
+            raise ProtocolError(exc.code, exc.message) from exc
+        session = f"{broker.process_id}-{secrets.token_hex(6)}"
+        await broker.redis.set(self._session_key(tenant_id, device_id),
+                               protocol.dumps({"audio": uplink.as_dict(),
+                                               "audio_down": downlink.as_dict()}),
+                               ex=7 * 86400)
+        answer = {
+            "type": "hello", "version": protocol.VERSION, "session": session,
+            "audio": uplink.as_dict(), "audio_down": downlink.as_dict(),
+            "dedup_window_s": self.settings.dedup_seconds,
+            "limits": {
+                "max_request_bytes": protocol.MAX_REQUEST_BYTES,
+                "max_control_bytes": protocol.MAX_CONTROL_BYTES,
+                "max_text_chars": protocol.MAX_TEXT_CHARS,
+                "max_images": protocol.MAX_IMAGES,
+                "max_image_bytes": protocol.MAX_IMAGE_BYTES,
+                "max_output_tokens": protocol.MAX_OUTPUT_TOKENS,
+                "max_turn_ms": protocol.MAX_TURN_MS,
+                "requests_per_minute": profile.requests_per_minute,
+                "concurrent_streams": profile.concurrent_streams,
+                "daily_request_cap": profile.daily_request_cap,
+            },
+        }
+        broker.publish(prefix, protocol.DOWN, protocol.dumps(answer), qos=1)
+
+    def _session_key(self, tenant_id: str, device_id: str) -> str:
+        return f"{self.settings.prefix}:inference:{{t:{tenant_id}}}:session:{device_id}"
+
+    async def _formats(self, tenant_id: str, device_id: str) -> tuple[AudioFormat, AudioFormat]:
+        from inference.broker import DEFAULT_DOWNLINK, DEFAULT_UPLINK
+
+        raw = await self.broker.redis.get(self._session_key(tenant_id, device_id))
+        if raw is None:
+            return DEFAULT_UPLINK, DEFAULT_DOWNLINK
+        import json
+
+        data = json.loads(raw)
+        return AudioFormat.from_dict(data["audio"]), AudioFormat.from_dict(data["audio_down"])
+
+    # --- requests and voice turns ----------------------------------------------------------
+
+    async def _request(self, prefix: str, tenant_id: str, device_id: str,
+                       message: protocol.Request | protocol.Listen, received: float) -> None:
+        from inference.broker import profile_refusal
+
+        broker = self.broker
+        voice = isinstance(message, protocol.Listen)
+        profile = await broker.directory.get(tenant_id, device_id)
+        refusal = profile_refusal(profile, message.id)
+        if refusal is not None:
+            raise refusal
+        assert profile is not None
+        images = [] if voice else message.images  # type: ignore[union-attr]
+        kind = "voice" if voice else ("vision" if images else "text")
+        text = None if voice else message.text  # type: ignore[union-attr]
+        estimate = Units(input_tokens=estimate_tokens(text or "") + 85 * len(images),
+                         images=len(images))
+        self.tag = (self.tag % 65535) + 1
+        stream_id = f"{broker.process_id}-{secrets.token_hex(8)}"
+        stream = Stream(prefix, message.id, kind, received)
+        conversation = message.conversation
+        admitted = time.perf_counter()
+        try:
+            history_task = None
+            if conversation is not None:
+                history_task = asyncio.ensure_future(
+                    broker.memory.load(tenant_id, device_id, conversation))
+            formats_task = asyncio.ensure_future(self._formats(tenant_id, device_id)) \
+                if voice or message.speak else None
+            admission = await broker.hook.admit(profile, message.id, kind, estimate,
+                                                stream_id=stream_id, owner=broker.process_id)
+            history = await history_task if history_task is not None else []
+            uplink, downlink = await formats_task if formats_task is not None else (None, None)
+        except Refused:
+            raise
+        metrics.ADMISSION_SECONDS.observe(time.perf_counter() - admitted)
+        provider = broker.providers.for_profile(profile.provider)
+        admission.state.update(provider=provider.name, model=provider.model,
+                               conversation_id=conversation)
+        stream.admission = admission
+        stream.used = Units(input_tokens=estimate.input_tokens, images=len(images))
+        stream.task = asyncio.current_task()
+        key = (device_id, message.id)
+        broker.streams[key] = stream
+        metrics.IN_FLIGHT.inc()
+        start: dict[str, Any] = {"type": "start", "id": message.id, "stream": stream_id,
+                                 "route": broker.route, "tag": self.tag,
+                                 "model": provider.model}
+        if admission.budget is not None:
+            start["budget"] = admission.budget.as_dict()
+        try:
+            if voice:
+                assert uplink is not None
+                stream.turn = VoiceTurn(uplink, protocol.MAX_TURN_MS)
+                broker.turns[device_id] = stream
+                k = keys(self.settings.prefix, tenant_id)
+                broker.spawn(broker.redis.set(f"{k['seen']}:{device_id}:turn", stream_id,
+                                              ex=protocol.MAX_TURN_MS // 1000 + 10))
+                start["listening"] = True
+            broker.publish(prefix, protocol.DOWN, protocol.dumps(start), qos=1)
+            await self._run(stream, profile, provider, history, message, images, text,
+                            downlink)
+        finally:
+            broker.streams.pop(key, None)
+            if broker.turns.get(device_id) is stream:
+                broker.turns.pop(device_id, None)
+            metrics.IN_FLIGHT.dec()
+
+    async def _run(self, stream: Stream, profile: Any, provider: Any,
+                   history: list[dict[str, str]], message: Any, images: list[Any],
+                   text: str | None, downlink: AudioFormat | None) -> None:
+        broker = self.broker
+        admission = stream.admission
+        assert admission is not None
+        finish = "stop"
+        error: ProtocolError | None = None
+        transcript: str | None = None
+        answer: list[str] = []
+        timing: dict[str, float | None] = {"ttft_ms": None, "first_delta_ms": None}
+        reported = ProviderUsage()
+        forwarder = DeltaForwarder(broker, stream, self.settings.coalesce_ms / 1000,
+                                   self.settings.coalesce_bytes)
+        speech = SpeechSender(broker, stream, downlink, self.tag) if downlink else None
+        started = time.perf_counter()
+        provider_started = started
+        events = None
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                if stream.turn is not None:
+                    await stream.turn.stopped.wait()
+                    stream.used.audio_in_ms = stream.turn.ms
+                    if stream.turn.error is not None:
+                        raise stream.turn.error
+                    await self._extend(stream)
+                request = ProviderRequest(
+                    request_id=stream.request_id, messages=history, text=text,
+                    images=[ImageInput(i.mime, i.data, i.width, i.height) for i in images],
+                    audio_pcm=bytes(stream.turn.pcm) if stream.turn is not None else None,
+                    audio_rate=stream.turn.rate if stream.turn is not None else 16000,
+                    speak=bool(message.speak), max_output_tokens=message.max_output_tokens,
+                    speech_rate=downlink.sample_rate if downlink else 24000)
+                provider_started = time.perf_counter()
+                events = provider.stream(request)
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        if timing["ttft_ms"] is None:
+                            now = time.perf_counter()
+                            timing["ttft_ms"] = (now - provider_started) * 1000
+                        answer.append(event.text)
+                        stream.used.output_tokens += estimate_tokens(event.text)
+                        await self._extend(stream)
+                        forwarder.add(event.text)
+                        if timing["first_delta_ms"] is None:
+                            first = time.perf_counter()
+                            timing["first_delta_ms"] = (first - stream.received) * 1000
+                            metrics.PLATFORM_SECONDS.observe(
+                                first - stream.received - (first - provider_started))
+                            metrics.PROVIDER_TTFT_SECONDS.labels(provider.name).observe(
+                                first - provider_started)
+                    elif isinstance(event, Transcript):
+                        transcript = event.text
+                        broker.publish(stream.prefix, protocol.DOWN, protocol.dumps(
+                            {"type": "transcript", "id": stream.request_id,
+                             "text": event.text}), qos=1)
+                    elif isinstance(event, Speech) and speech is not None:
+                        forwarder.flush()
+                        speech.add(event)
+                        stream.used.audio_out_ms = speech.sent_ms
+                        await self._extend(stream)
+                    elif isinstance(event, ProviderUsage):
+                        reported = event
+                    elif isinstance(event, ToolCall):
+                        stream.used.tool_calls += 1
+                if speech is not None:
+                    speech.finish()
+                    stream.used.audio_out_ms = speech.sent_ms
+            if reported.output_tokens is not None and \
+                    reported.output_tokens >= message.max_output_tokens:
+                finish = "length"
+        except asyncio.CancelledError:
+            finish = "abort"
+            if stream.reason in ("shutdown", None):
+                finish, error = "error", ProtocolError(
+                    "internal", "the broker is shutting down; retry", retry_after=1.0)
+            elif stream.reason == "disconnect":
+                finish = "abort"
+        except TimeoutError:
+            finish, error = "error", ProtocolError("timeout")
+        except BudgetCut:
+            finish = "quota_exhausted"
+        except ProviderError as exc:
+            finish, error = "error", ProtocolError(exc.code, exc.message,
+                                                   retry_after=exc.retry_after)
+        except ProtocolError as exc:
+            finish, error = "error", exc
+        finally:
+            if events is not None:
+                with contextlib.suppress(Exception):
+                    await events.aclose()  # cancels the upstream request
+        forwarder.flush()
+        if speech is not None and finish != "stop":
+            speech.finish()
+            stream.used.audio_out_ms = speech.sent_ms
+        if reported.input_tokens is not None:
+            stream.used.input_tokens = reported.input_tokens
+        if reported.output_tokens is not None:
+            stream.used.output_tokens = reported.output_tokens
+        await self._settle(stream, finish, error, timing, started)
+        if finish != "error" and not stream.reason:
+            asked = transcript or text or ""
+            broker.spawn(broker.memory.remember(
+                admission.device.tenant_id, admission.device.device_id,
+                admission.state.get("conversation_id"), history, asked, "".join(answer),
+                admission.device.memory,
+                {"id": stream.request_id, "kind": stream.kind, "asked": asked[:2000],
+                 "answer": "".join(answer)[:4000], "at": admission.admitted_at_ms}))
+
+    async def _extend(self, stream: Stream) -> None:
+        admission = stream.admission
+        assert admission is not None
+        if admission.budget is None or admission.budget.covers(stream.used):
+            return
+        try:
+            more = await self.broker.hook.extend(admission, stream.used)
+        except Refused as exc:
+            raise BudgetCut() from exc
+        if more is None:
+            admission.budget = None
+        else:
+            admission.budget = more
+
+    async def _settle(self, stream: Stream, finish: str, error: ProtocolError | None,
+                      timing: dict[str, float | None], started: float) -> None:
+        broker = self.broker
+        admission = stream.admission
+        assert admission is not None
+        device = admission.device
+        event = UsageEvent(
+            tenant_id=device.tenant_id, device_id=device.device_id, product_id=device.product_id,
+            request_id=stream.request_id, admitted_at_ms=admission.admitted_at_ms,
+            settled_at_ms=int(time.time() * 1000), stream_id=admission.stream_id,
+            kind=stream.kind, conversation_id=admission.state.get("conversation_id"),
+            provider=admission.state.get("provider", ""), model=admission.state.get("model", ""),
+            units=stream.used, credits=0, credit_split={}, rate_card_version=None,
+            ttft_ms=timing["ttft_ms"], first_delta_ms=timing["first_delta_ms"],
+            duration_ms=(time.perf_counter() - started) * 1000, finish=finish,
+            error_code=error.code if error else None, broker=broker.process_id,
+            settled_by="broker")
+        for attempt in range(50):  # Redis may be restarting: the usage must not be lost
+            try:
+                await broker.hook.settle(admission, event)
+                break
+            except Exception as exc:
+                log.warning("settling %s failed (%s); retrying", admission.stream_id, exc)
+                await asyncio.sleep(min(0.1 * (attempt + 1), 1.0))
+        stream.settled = True
+        metrics.REQUESTS.labels(stream.kind, finish).inc()
+        if error is not None:
+            error.request_id = stream.request_id
+            message: dict[str, Any] = {"type": "error", "id": stream.request_id,
+                                       "code": error.code,
+                       "message": error.message, "usage": event.as_public_dict()}
+            if error.retry_after is not None:
+                message["retry_after"] = round(error.retry_after, 3)
+            metrics.ERRORS.labels(error.code).inc()
+        else:
+            message = {"type": "end", "id": stream.request_id, "finish": finish,
+                       "usage": event.as_public_dict(),
+                       "timing": {"first_delta_ms": _round(timing["first_delta_ms"]),
+                                  "provider_ttft_ms": _round(timing["ttft_ms"])}}
+        broker.publish(stream.prefix, protocol.DOWN, protocol.dumps(message), qos=1)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+class DeltaForwarder:
+    """The first delta goes out at once; later ones wait at most ``window`` to be merged."""
+
+    def __init__(self, broker: InferenceBroker, stream: Stream, window: float,
+                 max_bytes: int) -> None:
+        self.broker = broker
+        self.stream = stream
+        self.window = window
+        self.max_bytes = max_bytes
+        self.seq = 0
+        self.pending: list[str] = []
+        self.pending_bytes = 0
+        self.last_sent = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, text: str) -> None:
+        self.pending.append(text)
+        self.pending_bytes += len(text)
+        now = time.perf_counter()
+        if now - self.last_sent >= self.window or self.pending_bytes >= self.max_bytes:
+            self.flush()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(
+                self.window - (now - self.last_sent), self.flush)
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.pending:
+            return
+        text = "".join(self.pending)
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.broker.publish(self.stream.prefix, protocol.DOWN, protocol.dumps(
+            {"type": "delta", "id": self.stream.request_id, "seq": self.seq, "text": text}))
+        self.seq += 1
+        self.last_sent = time.perf_counter()
+        metrics.DELTAS.inc()
+
+
+class SpeechSender:
+    """Speech PCM -> Opus frames on ``down/audio``, each with the request's tag and a seq."""
+
+    def __init__(self, broker: InferenceBroker, stream: Stream, fmt: AudioFormat,
+                 tag: int) -> None:
+        from inference.audio import Resampler
+
+        self.broker = broker
+        self.stream = stream
+        self.fmt = fmt
+        self.tag = tag
+        self.encoder = OpusEncoder(fmt)
+        self.resampler: Resampler | None = None
+        self.source_rate: int | None = None
+        self.seq = 0
+        self.frames = 0
+        self.finished = False
+
+    @property
+    def sent_ms(self) -> int:
+        return self.frames * self.fmt.frame_ms
+
+    def add(self, speech: Speech) -> None:
+        from inference.audio import Resampler
+
+        pcm = speech.pcm
+        if speech.rate != self.fmt.sample_rate:
+            if self.resampler is None or self.source_rate != speech.rate:
+                self.resampler = Resampler(speech.rate, self.fmt.sample_rate)
+                self.source_rate = speech.rate
+            pcm = self.resampler.process(pcm)
+        self._send(self.encoder.encode(pcm), last=False)
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        packets = self.encoder.flush()
+        if packets or self.frames:
+            self._send(packets, last=True)
+
+    def _send(self, packets: list[bytes], *, last: bool) -> None:
+        for index, packet in enumerate(packets):
+            final = last and index == len(packets) - 1
+            self.broker.publish(self.stream.prefix, protocol.DOWN_AUDIO,
+                                pack_frame(packet, seq=self.seq, tag=self.tag, last=final))
+            self.seq += 1
+            self.frames += 1
