@@ -23,6 +23,7 @@ from typing import Any, cast
 from flask import current_app
 from redis.asyncio import Redis
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core.db import db
 from core.redis import get_redis, name
@@ -139,21 +140,23 @@ def _limits(config: Any, product: Any) -> tuple[int, int, int | None]:
     return rpm, streams, cap
 
 
-def build_profiles(tenant_id: uuid.UUID, device_ids: Iterable[uuid.UUID] | None) -> list[
-        DeviceProfile]:
-    from accounts.services import get_tenant
+def build_profiles(session: Session, tenant_id: uuid.UUID,
+                   device_ids: Iterable[uuid.UUID] | None) -> list[DeviceProfile]:
+    from accounts.models import Tenant
     from fleet.models import Device, Product
     from inference.settings import provider_profile, tenant_memory_settings
 
     config = current_app.config
-    tenant = get_tenant(tenant_id)
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        return []
     query = select(Device, Product).join(Product, Product.id == Device.product_id).where(
         Device.tenant_id == tenant_id)
     if device_ids is not None:
         query = query.where(Device.id.in_(list(device_ids)))
     memory = tenant_memory_settings(tenant_id)
     profiles = []
-    for device, product in db.session.execute(query):
+    for device, product in session.execute(query):
         rpm, streams, cap = _limits(config, product)
         profiles.append(DeviceProfile(
             tenant_id=str(tenant_id), device_id=str(device.id), product_id=str(product.id),
@@ -168,7 +171,9 @@ def project_devices(tenant_id: uuid.UUID, device_ids: Iterable[uuid.UUID] | None
     """Write these devices' profiles (all of the tenant's when ``None``) to Redis."""
     ids = None if device_ids is None else [uuid.UUID(str(d)) for d in device_ids]
     prefix = current_app.config["ENSOUL_REDIS_PREFIX"]
-    profiles = build_profiles(tenant_id, ids)
+    # Its own session: this runs from an after-commit hook, where db.session cannot query.
+    with Session(bind=db.session.get_bind()) as session:
+        profiles = build_profiles(session, tenant_id, ids)
     pipe = get_redis().pipeline(transaction=False)
     found = set()
     for profile in profiles:
