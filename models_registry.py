@@ -3,3 +3,4 @@
 import accounts.models  # noqa: F401
 import core.models  # noqa: F401
 import fleet.models  # noqa: F401
+import inference.models  # noqa: F401
