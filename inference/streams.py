@@ -485,6 +485,7 @@ class SpeechSender:
         self.source_rate: int | None = None
         self.seq = 0
         self.frames = 0
+        self.held: bytes | None = None
         self.finished = False
 
     @property
@@ -500,20 +501,26 @@ class SpeechSender:
                 self.resampler = Resampler(speech.rate, self.fmt.sample_rate)
                 self.source_rate = speech.rate
             pcm = self.resampler.process(pcm)
-        self._send(self.encoder.encode(pcm), last=False)
+        self._send(self.encoder.encode(pcm))
 
     def finish(self) -> None:
         if self.finished:
             return
         self.finished = True
-        packets = self.encoder.flush()
-        if packets or self.frames:
-            self._send(packets, last=True)
+        self._send(self.encoder.flush())
+        if self.held is not None:
+            self._publish(self.held, last=True)
+            self.held = None
 
-    def _send(self, packets: list[bytes], *, last: bool) -> None:
-        for index, packet in enumerate(packets):
-            final = last and index == len(packets) - 1
-            self.broker.publish(self.stream.prefix, protocol.DOWN_AUDIO,
-                                pack_frame(packet, seq=self.seq, tag=self.tag, last=final))
-            self.seq += 1
-            self.frames += 1
+    def _send(self, packets: list[bytes]) -> None:
+        """Each packet goes out when the next exists, so the last can carry the flag."""
+        for packet in packets:
+            if self.held is not None:
+                self._publish(self.held, last=False)
+            self.held = packet
+
+    def _publish(self, packet: bytes, *, last: bool) -> None:
+        self.broker.publish(self.stream.prefix, protocol.DOWN_AUDIO,
+                            pack_frame(packet, seq=self.seq, tag=self.tag, last=last))
+        self.seq += 1
+        self.frames += 1
