@@ -195,7 +195,7 @@ def _demo_fleet(app: Flask, count: int) -> Iterator[None]:
         credentials = demo_device_credentials(count)
     identities = [DeviceIdentity.from_mqtt_info(info, serial=serial, firmware_version="1.4.2")
                   for serial, info in credentials]
-    fleet = SimulatedFleet(identities, workers=1)
+    fleet = SimulatedFleet(identities, workers=1, behaviour="bench.simulator.chat:converse")
     report = fleet.start(timeout=60)
     click.echo(f"{report.connected} simulated demo devices are online")
     try:

@@ -19,6 +19,16 @@ from core.mqtt import MqttTarget
 log = logging.getLogger(__name__)
 
 
+class _SnapshotSubscriptions(dict[str, list[Any]]):
+    """amqtt 0.12 iterates its subscription table across an ``await`` (the topic plugin) while
+    broadcasting; a client subscribing meanwhile raised "dictionary changed size during
+    iteration" and the message was dropped for every subscriber. Iterating a snapshot fixes
+    that without copying amqtt's broadcast loop."""
+
+    def items(self) -> list[tuple[str, list[Any]]]:  # type: ignore[override]
+        return [(key, list(value)) for key, value in super().items()]
+
+
 class EmbeddedBroker:
     def __init__(self, target: MqttTarget, plugins: dict[str, Any]) -> None:
         self.target = target
@@ -42,6 +52,7 @@ class EmbeddedBroker:
             "plugins": self.plugins,
         }
         self._broker = Broker(config, loop=self._loop)
+        self._broker._subscriptions = _SnapshotSubscriptions()
         await self._broker.start()
 
     def stop(self, timeout: float = 10.0) -> None:

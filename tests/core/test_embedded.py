@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import urllib.error
 import urllib.request
@@ -75,12 +76,16 @@ def test_embedded_serve_boots_serves_and_stops(embedded_server: EmbeddedServer) 
     assert not port_open("127.0.0.1", server.mqtt_port)
 
 
-def test_the_quickstart_demo_devices_come_online(tmp_path: Path, log_dir: Path) -> None:
+def test_the_quickstart_demo_devices_come_online_and_stream_answers(tmp_path: Path,
+                                                                     log_dir: Path) -> None:
     """``serve --demo-devices`` (what scripts/demo.sh runs): the demo tenant's simulated
-    devices connect to the in-process broker with their own credentials and show online."""
+    devices connect to the in-process broker with their own credentials, show online, and
+    ask the inference broker questions whose usage reaches the database."""
     port, mqtt_port = free_port(), free_port()
-    env = {"ENSOUL_PROFILE": "embedded", "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}",
-           "MQTT_URL": f"embedded://127.0.0.1:{mqtt_port}"}
+    database = tmp_path / "demo.db"
+    env = {"ENSOUL_PROFILE": "embedded", "DATABASE_URL": f"sqlite:///{database}",
+           "MQTT_URL": f"embedded://127.0.0.1:{mqtt_port}", "ENSOUL_DEMO_CHAT_SECONDS": "1",
+           "ENSOUL_LOCAL_TTFT_MS": "0", "ENSOUL_LOCAL_TOKENS_PER_SECOND": "0"}
     seed_env = {k: v for k, v in os.environ.items()
                 if k not in ("REDIS_URL", "SECRET_KEY", "ENSOUL_ENCRYPTION_KEY")}
     seed = subprocess.run(flask_command("seed-demo"), env={**seed_env, **env}, cwd=PROJECT_ROOT,
@@ -102,6 +107,16 @@ def test_the_quickstart_demo_devices_come_online(tmp_path: Path, log_dir: Path) 
 
         wait_until(three_online, 30, what="3 demo devices online")
         assert "3 simulated demo devices are online" in server.output()
+
+        def answered() -> list[tuple[str, int]]:
+            with sqlite3.connect(database) as connection:
+                return connection.execute(
+                    "SELECT DISTINCT device_id, output_tokens FROM usage_events"
+                    " WHERE finish = 'stop'").fetchall()
+
+        rows = wait_until(lambda: len({r[0] for r in answered()}) == 3 and answered(), 60,
+                          what="every demo device's answered request in usage_events")
+        assert all(tokens > 0 for _, tokens in rows)
     finally:
         server.signal(signal.SIGTERM)
         assert server.stop(timeout=30) == 0, server.output()[-3000:]
