@@ -17,6 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core.logging import request_id_var as request_log_id
 from inference import metrics, protocol
 from inference.audio import AudioError, AudioFormat, Frame, OpusDecoder, OpusEncoder, pack_frame
 from inference.hook import Admission, Refused, keys
@@ -115,6 +119,8 @@ class StreamRunner:
     async def serve(self, prefix: str, tenant_id: str, device_id: str,
                     message: protocol.Message, received: float) -> None:
         broker = self.broker
+        # Each task runs in its own context copy: log lines of this stream carry its id.
+        request_log_id.set(f"{device_id[:8]}/{getattr(message, 'id', 'hello')[:12]}")
         try:
             if isinstance(message, protocol.Hello):
                 await self._hello(prefix, tenant_id, device_id, message)
@@ -125,6 +131,11 @@ class StreamRunner:
                 broker.send_error(prefix, exc)
             else:
                 metrics.DROPPED.labels(exc.code).inc()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("Redis unavailable while admitting: %s", exc)
+            broker.send_error(prefix, ProtocolError(
+                "internal", "the platform is briefly unavailable; retry",
+                request_id=getattr(message, "id", None), retry_after=1.0))
         except Exception:
             log.exception("serving %s failed", prefix)
             request_id = getattr(message, "id", None)
@@ -230,6 +241,7 @@ class StreamRunner:
         provider = broker.providers.for_profile(profile.provider)
         admission.state.update(provider=provider.name, model=provider.model,
                                conversation_id=conversation)
+        request_log_id.set(stream_id)
         stream.admission = admission
         stream.used = Units(input_tokens=estimate.input_tokens, images=len(images))
         stream.task = asyncio.current_task()
