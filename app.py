@@ -96,3 +96,6 @@ def _register_cli(app: Flask) -> None:
     register_core_cli(app)
     register_accounts_cli(app)
     register_processes(app)
+    from inference.cli import register as register_inference_cli
+
+    register_inference_cli(app)
