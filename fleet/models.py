@@ -8,7 +8,16 @@ import enum
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, Enum, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    Enum,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from core.db import Base, Timestamped, UUIDPrimaryKey
@@ -38,7 +47,12 @@ class Product(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     """A device model line; its enrolment key lets its devices bootstrap themselves."""
 
     __tablename__ = "products"
-    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_products_tenant_name"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name", name="uq_products_tenant_name"),
+        CheckConstraint("requests_per_minute > 0", name="requests_per_minute_positive"),
+        CheckConstraint("concurrent_streams > 0", name="concurrent_streams_positive"),
+        CheckConstraint("daily_request_cap > 0", name="daily_request_cap_positive"),
+    )
 
     name: Mapped[str] = mapped_column(String(200))
     hardware_kind: Mapped[HardwareKind] = mapped_column(_enum(HardwareKind, "hardware_kind"))
@@ -47,6 +61,11 @@ class Product(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     enrolment_key_prefix: Mapped[str] = mapped_column(String(16))
     requires_hardware_binding: Mapped[bool] = mapped_column(default=False)
     allow_self_registration: Mapped[bool] = mapped_column(default=True)
+    # Per-device inference limits of this product's devices; NULL: the platform default. They
+    # only ever tighten the platform's defaults (inference.directory applies the smaller).
+    requests_per_minute: Mapped[int | None] = mapped_column()
+    concurrent_streams: Mapped[int | None] = mapped_column()
+    daily_request_cap: Mapped[int | None] = mapped_column()
 
 
 class Device(UUIDPrimaryKey, TenantOwned, Timestamped, Base):

@@ -1,4 +1,5 @@
-"""The usage ledger: one immutable row per settled inference request.
+"""The usage ledger (one immutable row per settled inference request) and a tenant's
+inference settings (provider configurations, memory and transcript retention).
 
 Rows are written only by :class:`inference.usage.UsageWriter`, in bulk, from the tenants' Redis
 usage streams; ``(device_id, request_id, admitted_at)`` makes a replayed event a no-op.
@@ -17,13 +18,25 @@ has it already; the primary key would become ``(id, admitted_at)``.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    String,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
-from core.db import Base, UUIDPrimaryKey, utcnow
+from core.db import Base, Timestamped, UUIDPrimaryKey, utcnow
 from core.tenancy import TenantOwned
 
 
@@ -64,3 +77,73 @@ class UsageEventRecord(UUIDPrimaryKey, TenantOwned, Base):
     broker: Mapped[str] = mapped_column(String(128))
     settled_by: Mapped[str] = mapped_column(String(16))
     written_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+# --- settings (the web side writes them; the broker sees them through device profiles) --------
+
+
+class ProviderKind(enum.StrEnum):
+    LOCAL = "local"  # the built-in provider (embedded profile, tests, benchmarks)
+    OPENAI = "openai"  # any OpenAI-compatible endpoint
+
+
+class ProviderConfig(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
+    """One way to reach a model, and which devices use it.
+
+    A config serves the devices of its ``product``, or every product without one of its own
+    when it ``is_default``; a config that is neither only stands by as another's ``secondary``
+    (answers when the primary fails before its first token). The API key is stored encrypted
+    and never shown again; ``api_key_hint`` keeps its last four characters so people can tell
+    keys apart.
+    """
+
+    __tablename__ = "provider_configs"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name", name="uq_provider_configs_tenant_name"),
+        UniqueConstraint("product_id", name="uq_provider_configs_product_id"),
+        Index("uq_provider_configs_tenant_default", "tenant_id", unique=True,
+              postgresql_where=text("is_default"), sqlite_where=text("is_default")),
+        CheckConstraint("NOT (is_default AND product_id IS NOT NULL)",
+                        name="default_or_product"),
+        CheckConstraint("secondary_id IS NULL OR secondary_id <> id", name="not_own_secondary"),
+    )
+
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[ProviderKind] = mapped_column(Enum(
+        ProviderKind, name="provider_kind", native_enum=False, length=16,
+        values_callable=lambda e: [m.value for m in e], validate_strings=True))
+    base_url: Mapped[str | None] = mapped_column(String(500))
+    model: Mapped[str | None] = mapped_column(String(128))
+    transcription_model: Mapped[str | None] = mapped_column(String(128))
+    speech_model: Mapped[str | None] = mapped_column(String(128))
+    voice: Mapped[str | None] = mapped_column(String(64))
+    api_key_encrypted: Mapped[str | None] = mapped_column(String(2000))
+    api_key_hint: Mapped[str | None] = mapped_column(String(4))
+    product_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("products.id", ondelete="CASCADE"))
+    is_default: Mapped[bool] = mapped_column(default=False)
+    # RESTRICT: deleting a config another one fails over to is refused, never silent.
+    secondary_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("provider_configs.id", ondelete="RESTRICT"))
+    first_token_timeout_s: Mapped[float] = mapped_column(Float, default=20.0)
+    total_timeout_s: Mapped[float] = mapped_column(Float, default=120.0)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class InferenceSettings(TenantOwned, Base):
+    """A tenant's conversation memory and transcript retention (no row: platform defaults).
+
+    A children's device may need transcripts kept briefly or not at all:
+    ``transcript_retention_hours = 0`` keeps none.
+    """
+
+    __tablename__ = "inference_settings"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    memory_ttl_hours: Mapped[int]
+    memory_max_turns: Mapped[int]
+    memory_max_tokens: Mapped[int]
+    transcript_retention_hours: Mapped[int]
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
