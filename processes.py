@@ -205,11 +205,21 @@ def _demo_fleet(app: Flask, count: int) -> Iterator[None]:
 
 
 def _serve_metrics(app: Flask) -> None:
-    port = int(app.config["ENSOUL_INFERENCE_METRICS_PORT"])
-    if port:
-        from prometheus_client import start_http_server
+    """Prometheus metrics of this process; several brokers on one host take the next free
+    port after ``ENSOUL_INFERENCE_METRICS_PORT``."""
+    first = int(app.config["ENSOUL_INFERENCE_METRICS_PORT"])
+    if not first:
+        return
+    from prometheus_client import start_http_server
 
-        start_http_server(port, addr="127.0.0.1")
+    for port in range(first, first + 16):
+        try:
+            start_http_server(port, addr="127.0.0.1")
+        except OSError:
+            continue
+        log.info("metrics on http://127.0.0.1:%s/metrics", port)
+        return
+    log.warning("no free metrics port in %s-%s", first, first + 15)
 
 
 @contextlib.contextmanager

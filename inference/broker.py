@@ -55,6 +55,7 @@ class BrokerSettings:
     coalesce_bytes: int = 512
     checkpoint_ms: float = 250.0
     device_messages_per_second: float = 20.0
+    turn_idle_seconds: float = 10.0
     registry_channel: str = "ensoul:registry"
 
     @classmethod
@@ -68,6 +69,7 @@ class BrokerSettings:
                    checkpoint_ms=float(config["ENSOUL_INFERENCE_CHECKPOINT_MS"]),
                    device_messages_per_second=float(
                        config["ENSOUL_INFERENCE_DEVICE_MESSAGES_PER_SECOND"]),
+                   turn_idle_seconds=float(config["ENSOUL_INFERENCE_TURN_IDLE_SECONDS"]),
                    registry_channel=f"{prefix}:registry")
 
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINISHES = ("stop", "length", "abort", "quota_exhausted", "error")
+TURN_TICK_SECONDS = 0.25
 
 
 class VoiceTurn:
@@ -59,10 +60,12 @@ class VoiceTurn:
         self.max_ms = max_ms
         self.stopped = asyncio.Event()
         self.error: ProtocolError | None = None
+        self.last_frame_at = time.monotonic()
 
     def add(self, frame: Frame) -> None:
         if self.stopped.is_set():
             return
+        self.last_frame_at = time.monotonic()
         if frame.seq < self.next_seq:  # a duplicate or a frame overtaken by a later one
             self.late += 1
             return
@@ -292,11 +295,7 @@ class StreamRunner:
         try:
             async with asyncio.timeout(self.settings.request_timeout):
                 if stream.turn is not None:
-                    await stream.turn.stopped.wait()
-                    stream.used.audio_in_ms = stream.turn.ms
-                    if stream.turn.error is not None:
-                        raise stream.turn.error
-                    await self._extend(stream)
+                    await self._listen(stream, stream.turn)
                 request = ProviderRequest(
                     request_id=stream.request_id, messages=history, text=text,
                     images=[ImageInput(i.mime, i.data, i.width, i.height) for i in images],
@@ -379,6 +378,21 @@ class StreamRunner:
                 admission.device.memory,
                 {"id": stream.request_id, "kind": stream.kind, "asked": asked[:2000],
                  "answer": "".join(answer)[:4000], "at": admission.admitted_at_ms}))
+
+    async def _listen(self, stream: Stream, turn: VoiceTurn) -> None:
+        """Until the turn stops: meter the audio as it flows (extending the budget) and end a
+        turn whose device went quiet without ``listen stop``."""
+        while not turn.stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(turn.stopped.wait(), TURN_TICK_SECONDS)
+            stream.used.audio_in_ms = turn.ms
+            if not turn.stopped.is_set() and \
+                    time.monotonic() - turn.last_frame_at > self.settings.turn_idle_seconds:
+                raise ProtocolError("timeout", f"no audio for {self.settings.turn_idle_seconds:g}"
+                                    " s and no listen stop")
+            await self._extend(stream)
+        if turn.error is not None:
+            raise turn.error
 
     async def _extend(self, stream: Stream) -> None:
         admission = stream.admission

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import struct
 import zlib
 from typing import Any
 
-from inference.audio import AudioFormat, OpusDecoder, encode_pcm_to_frames, synth_tone
-from inference.client import DeviceClient
+from inference.audio import AudioFormat, OpusDecoder, encode_pcm_to_frames, pack_frame, synth_tone
+from inference.client import DeviceClient, Reply
+from tests.inference.conftest import connect_with_retry
 
 UPLINK = AudioFormat("opus", 16000, 1, 60)
 
@@ -72,4 +73,25 @@ def test_a_conversation_remembers_earlier_turns(platform: Any, device: DeviceCli
     turns = json.loads(raw)
     assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
     assert turns[0]["content"] == "My name is Mia."
-    assert base64  # the module is used for images above
+
+
+def test_a_turn_that_goes_quiet_without_stop_times_out(platform: Any, monkeypatch: Any,
+                                                       fleet: Any, start_broker: Any,
+                                                       run: Any) -> None:
+    monkeypatch.setitem(platform.config, "ENSOUL_INFERENCE_TURN_IDLE_SECONDS", 0.5)
+    start_broker(shared=False)
+    device = DeviceClient.from_mqtt_info(fleet.info(0))
+    run(connect_with_retry(device))
+    reply = device.replies.setdefault("b" * 32, Reply("b" * 32))
+    device.send({"type": "listen", "state": "start", "id": "b" * 32})
+    started = run(device.started(reply))
+    assert started["type"] == "start"
+    for seq, packet in enumerate(encode_pcm_to_frames(synth_tone(300, 16000), UPLINK)):
+        device.send_raw(pack_frame(packet, seq=seq), f"{started['route']}/audio", qos=0)
+
+    run(asyncio.wait_for(reply.done.wait(), 10))
+
+    terminal = reply.terminal
+    assert terminal is not None and terminal["type"] == "error" and terminal["code"] == "timeout"
+    assert terminal["usage"]["audio_in_ms"] == 300
+    run(device.close())
