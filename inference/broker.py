@@ -246,8 +246,11 @@ class InferenceBroker:
         rate = self.settings.device_messages_per_second
         if bucket is None:
             bucket = self.buckets[device_id] = TokenBucket(rate * 2)
-        if not bucket.take(rate, rate * 2):
+        if not bucket.take(rate, rate * 2):  # a flood: one error a second, the rest dropped
             metrics.DROPPED.labels("flood").inc()
+            self.send_error(prefix, ProtocolError(
+                "rate_limited", "too many messages; this and further ones are dropped",
+                retry_after=1.0), throttle_key=f"{device_id}:flood")
             return
         try:
             message = protocol.parse(payload)
