@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from core.mqtt import MqttTarget
 from inference import metrics, protocol
-from inference.audio import AudioError, AudioFormat, unpack_frame
+from inference.audio import AudioError, unpack_frame
 from inference.directory import DeviceDirectory, DeviceProfile
 from inference.hook import BillingHook, Refused
 from inference.link import MqttLink
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 SHARE_GROUP = "ensoul-inference"
 HEARTBEAT_SECONDS = 1.0
-DEFAULT_UPLINK = AudioFormat("opus", 16000, 1, 60)
-DEFAULT_DOWNLINK = AudioFormat("opus", 24000, 1, 60)
 
 
 @dataclass(frozen=True, slots=True)

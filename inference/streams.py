@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -45,6 +46,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINISHES = ("stop", "length", "abort", "quota_exhausted", "error")
+DEFAULT_UPLINK = AudioFormat("opus", 16000, 1, 60)
+DEFAULT_DOWNLINK = AudioFormat("opus", 24000, 1, 60)
+DEFAULT_FORMATS = (DEFAULT_UPLINK, DEFAULT_DOWNLINK)
+
+
+async def _none() -> None:
+    return None
 TURN_TICK_SECONDS = 0.25
 
 
@@ -98,11 +106,14 @@ class Stream:
     turn: VoiceTurn | None = None
     used: Units = field(default_factory=Units)
     reason: str | None = None  # why it was cancelled
+    settling: bool = False
     settled: bool = False
 
     def cancel(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
+        """Once: a second abort must not interrupt the settle the first one started."""
+        if self.reason is not None or self.settling:
+            return
+        self.reason = reason
         if self.turn is not None and not self.turn.stopped.is_set():
             self.turn.stop()
         if self.task is not None:
@@ -148,7 +159,7 @@ class StreamRunner:
 
     async def _hello(self, prefix: str, tenant_id: str, device_id: str,
                      hello: protocol.Hello) -> None:
-        from inference.broker import DEFAULT_DOWNLINK, DEFAULT_UPLINK, profile_refusal
+        from inference.broker import profile_refusal
 
         broker = self.broker
         profile = await broker.directory.get(tenant_id, device_id)
@@ -194,13 +205,9 @@ class StreamRunner:
         return f"{self.settings.prefix}:inference:{{t:{tenant_id}}}:session:{device_id}"
 
     async def _formats(self, tenant_id: str, device_id: str) -> tuple[AudioFormat, AudioFormat]:
-        from inference.broker import DEFAULT_DOWNLINK, DEFAULT_UPLINK
-
         raw = await self.broker.redis.get(self._session_key(tenant_id, device_id))
         if raw is None:
             return DEFAULT_UPLINK, DEFAULT_DOWNLINK
-        import json
-
         data = json.loads(raw)
         return AudioFormat.from_dict(data["audio"]), AudioFormat.from_dict(data["audio_down"])
 
@@ -226,22 +233,27 @@ class StreamRunner:
         stream_id = f"{broker.process_id}-{secrets.token_hex(8)}"
         stream = Stream(prefix, message.id, kind, received)
         conversation = message.conversation
+        provider = broker.providers.for_profile(profile.provider)
         admitted = time.perf_counter()
+        # Memory and audio formats are read while the admission script runs: same round trip.
+        extras = asyncio.gather(
+            broker.memory.load(tenant_id, device_id, conversation) if conversation else _none(),
+            self._formats(tenant_id, device_id) if voice or message.speak else _none(),
+            return_exceptions=True)
         try:
-            history_task = None
-            if conversation is not None:
-                history_task = asyncio.ensure_future(
-                    broker.memory.load(tenant_id, device_id, conversation))
-            formats_task = asyncio.ensure_future(self._formats(tenant_id, device_id)) \
-                if voice or message.speak else None
             admission = await broker.hook.admit(profile, message.id, kind, estimate,
                                                 stream_id=stream_id, owner=broker.process_id)
-            history = await history_task if history_task is not None else []
-            uplink, downlink = await formats_task if formats_task is not None else (None, None)
-        except Refused:
+        except BaseException:
+            extras.cancel()
+            with contextlib.suppress(BaseException):
+                await extras
             raise
+        loaded_history, loaded_formats = await extras
+        history = [] if isinstance(loaded_history, BaseException) else loaded_history or []
+        uplink, downlink = (DEFAULT_FORMATS if isinstance(loaded_formats, BaseException)
+                            or loaded_formats is None else loaded_formats) \
+            if voice or message.speak else (None, None)
         metrics.ADMISSION_SECONDS.observe(time.perf_counter() - admitted)
-        provider = broker.providers.for_profile(profile.provider)
         admission.state.update(provider=provider.name, model=provider.model,
                                conversation_id=conversation)
         request_log_id.set(stream_id)
@@ -357,10 +369,14 @@ class StreamRunner:
                                                    retry_after=exc.retry_after)
         except ProtocolError as exc:
             finish, error = "error", exc
+        except Exception:  # a bug must still end the stream, settled and answered
+            log.exception("stream %s failed", admission.stream_id)
+            finish, error = "error", ProtocolError("internal")
         finally:
             if events is not None:
                 with contextlib.suppress(Exception):
                     await events.aclose()  # cancels the upstream request
+        stream.settling = True
         forwarder.flush()
         if speech is not None and finish != "stop":
             speech.finish()
