@@ -47,7 +47,12 @@ class Admission:
 
 
 class Refused(ProtocolError):
-    """An admission or extension refused with a device-facing code."""
+    """An admission or extension refused with a device-facing code.
+
+    ``repeated``: not the first refusal of its kind in the window; the broker drops it silently
+    (a device flooding past its rate limit gets one error, not one per message)."""
+
+    repeated = False
 
 
 class BillingHook(Protocol):
@@ -177,7 +182,7 @@ class LimitsHook:
         if code != "ok":
             refusal = Refused(code, request_id=request_id,
                               retry_after=float(retry_after) if retry_after else None)
-            refusal.repeated = int(refused_count) > 1  # type: ignore[attr-defined]
+            refusal.repeated = int(refused_count) > 1
             raise refusal
         return admission
 

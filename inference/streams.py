@@ -140,11 +140,13 @@ class StreamRunner:
                 await self._hello(prefix, tenant_id, device_id, message)
             elif isinstance(message, protocol.Request | protocol.Listen):
                 await self._request(prefix, tenant_id, device_id, message, received)
-        except ProtocolError as exc:
-            if not getattr(exc, "repeated", False):
-                broker.send_error(prefix, exc)
-            else:
+        except Refused as exc:
+            if exc.repeated:
                 metrics.DROPPED.labels(exc.code).inc()
+            else:
+                broker.send_error(prefix, exc)
+        except ProtocolError as exc:
+            broker.send_error(prefix, exc)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             log.warning("Redis unavailable while admitting: %s", exc)
             broker.send_error(prefix, ProtocolError(
