@@ -80,3 +80,8 @@ def _template_helpers() -> dict[str, Any]:
         "current_locale": str(get_locale() or "en"),
         "here": local_path() if request.method == "GET" else "",
     }
+
+
+# Last, once ``bp`` exists: the inference sections of the device page add their routes and
+# template globals (the other page modules are imported by portal.views).
+from portal import inference_views  # noqa: E402, F401
