@@ -1,4 +1,4 @@
-"""The protocol's JSON Schemas (inference/schemas/) against the code and docs/protocol.md.
+"""The protocol's JSON Schemas (inference/protocol_schemas/) against the code and docs/protocol.md.
 
 Each schema must be a valid draft 2020-12 schema, agree with the constants and enums of the
 code, and accept every example of the document (a fenced ``json`` block follows a marker
@@ -28,7 +28,7 @@ from inference.audio import FRAME_MS, MAX_FRAME_BYTES, SAMPLE_RATES, AudioError,
 from inference.protocol import ProtocolError
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMAS = ROOT / "inference" / "schemas"
+SCHEMAS = ROOT / "inference" / "protocol_schemas"
 DOC = ROOT / "docs" / "protocol.md"
 ID_BASE = "https://ensoul.example/schemas/protocol/v1/"
 UP = ("hello", "request", "abort", "listen")
