@@ -90,11 +90,11 @@ class ProviderKind(enum.StrEnum):
 class ProviderConfig(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     """One way to reach a model, and which devices use it.
 
-    A config serves the devices of its ``product``, or every product without one of its own
-    when it ``is_default``; a config that is neither only stands by as another's ``secondary``
-    (answers when the primary fails before its first token). The API key is stored encrypted
-    and never shown again; ``api_key_hint`` keeps its last four characters so people can tell
-    keys apart.
+    A config serves the devices of its ``product`` and, when it ``is_default``, those of every
+    product without a config of its own; a config that is neither stands by as another's
+    ``secondary`` (it answers when the primary fails before its first token). The API key is
+    stored encrypted and never shown again; ``api_key_hint`` keeps its last four characters
+    (of a key long enough to spare them) so people can tell keys apart.
     """
 
     __tablename__ = "provider_configs"
@@ -103,8 +103,6 @@ class ProviderConfig(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
         UniqueConstraint("product_id", name="uq_provider_configs_product_id"),
         Index("uq_provider_configs_tenant_default", "tenant_id", unique=True,
               postgresql_where=text("is_default"), sqlite_where=text("is_default")),
-        CheckConstraint("NOT (is_default AND product_id IS NOT NULL)",
-                        name="default_or_product"),
         CheckConstraint("secondary_id IS NULL OR secondary_id <> id", name="not_own_secondary"),
     )
 
@@ -113,7 +111,7 @@ class ProviderConfig(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
         ProviderKind, name="provider_kind", native_enum=False, length=16,
         values_callable=lambda e: [m.value for m in e], validate_strings=True))
     base_url: Mapped[str | None] = mapped_column(String(500))
-    model: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(128))  # for ``local``, a label only
     transcription_model: Mapped[str | None] = mapped_column(String(128))
     speech_model: Mapped[str | None] = mapped_column(String(128))
     voice: Mapped[str | None] = mapped_column(String(64))
