@@ -154,16 +154,18 @@ def build_profiles(session: Session, tenant_id: uuid.UUID,
         Device.tenant_id == tenant_id)
     if device_ids is not None:
         query = query.where(Device.id.in_(list(device_ids)))
-    memory = tenant_memory_settings(tenant_id)
+    memory = tenant_memory_settings(session, tenant_id)
+    providers: dict[uuid.UUID, dict[str, Any]] = {}  # one lookup per product, not per device
     profiles = []
     for device, product in session.execute(query):
         rpm, streams, cap = _limits(config, product)
+        if product.id not in providers:
+            providers[product.id] = provider_profile(session, tenant_id, product.id)
         profiles.append(DeviceProfile(
             tenant_id=str(tenant_id), device_id=str(device.id), product_id=str(product.id),
             status=str(device.status), tenant_status=str(tenant.status),
             timezone=tenant.timezone, requests_per_minute=rpm, concurrent_streams=streams,
-            daily_request_cap=cap, provider=provider_profile(tenant_id, product.id),
-            memory=memory))
+            daily_request_cap=cap, provider=providers[product.id], memory=memory))
     return profiles
 
 
