@@ -21,7 +21,21 @@ def _pattern(pattern: str, error: str) -> ma.validate.Regexp:
     return ma.validate.Regexp(pattern, error=error)
 
 
-class ProductIn(ma.Schema):
+def _limit(high: int, what: str) -> ma.fields.Integer:
+    return ma.fields.Integer(
+        strict=True, allow_none=True, validate=ma.validate.Range(min=1, max=high),
+        metadata={"description": f"{what} per device of this product. It can only tighten the "
+                                 "platform's limit (the smaller one applies, never a larger "
+                                 "one); null: the platform's limit."})
+
+
+class _ProductLimits(ma.Schema):
+    requests_per_minute = _limit(100_000, "Inference requests per minute")
+    concurrent_streams = _limit(1000, "Inference streams at once")
+    daily_request_cap = _limit(10_000_000, "Inference requests per day (the tenant's day)")
+
+
+class ProductIn(_ProductLimits):
     name = Name(required=True, validate=ma.validate.Length(min=1, max=200))
     hardware_kind = ma.fields.Enum(HardwareKind, by_value=True, required=True)
     description = Text(load_default="", validate=ma.validate.Length(max=2000))
@@ -29,7 +43,7 @@ class ProductIn(ma.Schema):
     allow_self_registration = ma.fields.Boolean(load_default=True)
 
 
-class ProductUpdateIn(ma.Schema):
+class ProductUpdateIn(_ProductLimits):
     name = Name(validate=ma.validate.Length(min=1, max=200))
     description = Text(validate=ma.validate.Length(max=2000))
     requires_hardware_binding = ma.fields.Boolean()
@@ -45,6 +59,9 @@ class ProductOut(ma.Schema):
     enrolment_key_prefix = ma.fields.String(required=True)
     requires_hardware_binding = ma.fields.Boolean(required=True)
     allow_self_registration = ma.fields.Boolean(required=True)
+    requests_per_minute = ma.fields.Integer(required=True, allow_none=True)
+    concurrent_streams = ma.fields.Integer(required=True, allow_none=True)
+    daily_request_cap = ma.fields.Integer(required=True, allow_none=True)
     created_at = ma.fields.AwareDateTime(required=True)
 
 

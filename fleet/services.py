@@ -120,13 +120,27 @@ def device_history(device: Device) -> list[DeviceEvent]:
 # --- products -----------------------------------------------------------------------------
 
 
+def _check_limits(limits: dict[str, int | None]) -> None:
+    bad = {key: ["Must be at least 1 (or null)."] for key, value in limits.items()
+           if value is not None and value < 1}
+    if bad:
+        raise ValidationFailed(details=bad)
+
+
 def create_product(tenant_id: uuid.UUID, name: str, hardware_kind: HardwareKind, *,
                    description: str = "", requires_hardware_binding: bool = False,
-                   allow_self_registration: bool = True) -> tuple[Product, str]:
-    """A product and its enrolment key, which is shown once and stored as SHA-256."""
+                   allow_self_registration: bool = True, requests_per_minute: int | None = None,
+                   concurrent_streams: int | None = None,
+                   daily_request_cap: int | None = None) -> tuple[Product, str]:
+    """A product and its enrolment key, which is shown once and stored as SHA-256.
+
+    The inference limits (``None``: the platform's) only ever tighten the platform's."""
     name = name.strip()
     if not name:
         raise ValidationFailed(details={"name": ["Must not be empty."]})
+    limits = {"requests_per_minute": requests_per_minute,
+              "concurrent_streams": concurrent_streams, "daily_request_cap": daily_request_cap}
+    _check_limits(limits)
     if db.session.execute(scoped(Product, tenant_id).where(Product.name == name)).first():
         raise Conflict("A product with this name exists.", code="product_exists",
                        details={"name": ["Already used."]})
@@ -135,19 +149,29 @@ def create_product(tenant_id: uuid.UUID, name: str, hardware_kind: HardwareKind,
                       description=description.strip(), enrolment_key_hash=sha256_hex(raw),
                       enrolment_key_prefix=raw[:12],
                       requires_hardware_binding=requires_hardware_binding,
-                      allow_self_registration=allow_self_registration)
+                      allow_self_registration=allow_self_registration, **limits)
     db.session.add(product)
     db.session.flush()
     accounts.record_audit("product.create", tenant_id=tenant_id, target=product,
-                 details={"name": name, "hardware_kind": hardware_kind.value})
+                 details={"name": name, "hardware_kind": hardware_kind.value,
+                          **{k: v for k, v in limits.items() if v is not None}})
     return product, raw
 
 
+PRODUCT_LIMITS = ("requests_per_minute", "concurrent_streams", "daily_request_cap")
+
+
 def update_product(product: Product, **changes: Any) -> Product:
-    allowed = {"name", "description", "requires_hardware_binding", "allow_self_registration"}
+    """Change the given fields; a limit given as ``None`` goes back to the platform's.
+
+    A changed limit reaches the product's devices through :func:`access.devices_changed`
+    (their admission profiles are written again after the commit)."""
+    allowed = {"name", "description", "requires_hardware_binding", "allow_self_registration",
+               *PRODUCT_LIMITS}
+    _check_limits({k: v for k, v in changes.items() if k in PRODUCT_LIMITS})
     applied = {}
     for key, value in changes.items():
-        if key not in allowed or value is None:
+        if key not in allowed or (value is None and key not in PRODUCT_LIMITS):
             continue
         if key == "name":
             value = value.strip()
@@ -163,6 +187,9 @@ def update_product(product: Product, **changes: Any) -> Product:
     if applied:
         accounts.record_audit("product.update", tenant_id=product.tenant_id, target=product,
                      details=applied)
+    if applied.keys() & set(PRODUCT_LIMITS):
+        access.devices_changed(product.tenant_id, db.session.execute(
+            select(Device.id).where(Device.product_id == product.id)).scalars())
     return product
 
 
