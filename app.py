@@ -73,9 +73,10 @@ def _register_blueprints(app: Flask) -> None:
     from fleet.api import blp as fleet_api
     from fleet.bootstrap_api import blp as bootstrap_bp
     from fleet.broker_access.http import bp as mqtt_hooks_bp
+    from inference.api import blp as inference_api
     from portal.views import bp as portal_bp
 
-    for blueprint in (accounts_api, fleet_api):
+    for blueprint in (accounts_api, fleet_api, inference_api):
         limit_api(blueprint)
         csrf.exempt(blueprint)
         api.register_blueprint(blueprint)

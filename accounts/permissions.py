@@ -15,18 +15,21 @@ FLEET_READ = "fleet:read"
 FLEET_WRITE = "fleet:write"
 BILLING_READ = "billing:read"
 BILLING_WRITE = "billing:write"
+INFERENCE_READ = "inference:read"  # settings, providers, devices' requests and transcripts
+INFERENCE_WRITE = "inference:write"  # settings and providers (data deletion is fleet:write)
 
 ALL = frozenset(
     {
         TENANT_READ, TENANT_WRITE, TEAM_READ, TEAM_WRITE, TOKENS_READ, TOKENS_WRITE,
-        AUDIT_READ, FLEET_READ, FLEET_WRITE, BILLING_READ, BILLING_WRITE,
+        AUDIT_READ, FLEET_READ, FLEET_WRITE, BILLING_READ, BILLING_WRITE, INFERENCE_READ,
+        INFERENCE_WRITE,
     }
 )
 READ_ONLY = frozenset(p for p in ALL if p.endswith(":read"))
 
 ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.OWNER: ALL,
-    Role.DEVELOPER: READ_ONLY | {TOKENS_WRITE, FLEET_WRITE},
+    Role.DEVELOPER: READ_ONLY | {TOKENS_WRITE, FLEET_WRITE, INFERENCE_WRITE},
     Role.OPERATIONS: (READ_ONLY - {TOKENS_READ}) | {FLEET_WRITE},
     Role.FINANCE: (READ_ONLY - {TOKENS_READ}) | {BILLING_WRITE},
     Role.VIEWER: READ_ONLY - {TOKENS_READ, AUDIT_READ},
