@@ -80,6 +80,9 @@ class TokenBucket:
         self.tokens = burst
         self.stamp = time.monotonic()
 
+    def full(self, rate: float, burst: float) -> bool:
+        return self.tokens + (time.monotonic() - self.stamp) * rate >= burst
+
     def take(self, rate: float, burst: float) -> bool:
         now = time.monotonic()
         self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
@@ -173,6 +176,10 @@ class InferenceBroker:
 
     async def _heartbeat(self) -> None:
         while True:
+            if len(self.buckets) > 50_000:  # forget devices that are not flooding
+                rate = self.settings.device_messages_per_second
+                self.buckets = {d: b for d, b in self.buckets.items()
+                                if not b.full(rate, rate * 2)}
             try:
                 await self.redis.set(self.heartbeat_key(self.process_id), str(os.getpid()),
                                      ex=int(HEARTBEAT_SECONDS * 5))
@@ -232,8 +239,8 @@ class InferenceBroker:
             return
         _, tenant_id, _, device_id, suffix = parts
         prefix = f"t/{tenant_id}/d/{device_id}"
-        if suffix == "status":
-            if payload.startswith(b'{"state":"offline"') or b'"offline"' in payload[:64]:
+        if suffix == "status":  # offline, or cleared (an empty retained message)
+            if not payload or b'"offline"' in payload[:64]:
                 self._device_gone(device_id)
             return
         routed = suffix.startswith(protocol.ROUTE + "/")
@@ -274,8 +281,8 @@ class InferenceBroker:
     def _on_listen_stop(self, prefix: str, tenant_id: str, device_id: str,
                         message: protocol.Listen, payload: bytes, routed: bool) -> None:
         stream = self.streams.get((device_id, message.id))
-        if stream is not None and stream.turn is not None:
-            stream.turn.stop()
+        if stream is not None and stream.kind == "voice":
+            stream.stop_turn()
         elif not routed:
             self.spawn(self._forward(prefix, tenant_id, device_id, message.id, payload, ""))
         else:
@@ -290,8 +297,8 @@ class InferenceBroker:
                             throttle_key=f"{device_id}:audio")
             return
         stream = self.turns.get(device_id)
-        if stream is not None and stream.turn is not None:
-            stream.turn.add(frame)
+        if stream is not None:
+            stream.add_frame(frame)
         elif not routed:
             self.spawn(self._forward(prefix, tenant_id, device_id, None, payload, "/audio"))
         else:

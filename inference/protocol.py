@@ -30,7 +30,7 @@ MAX_IMAGE_BYTES = 524_288  # decoded
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_OUTPUT_TOKENS = 4096
 DEFAULT_OUTPUT_TOKENS = 512
-MAX_TURN_MS = 60_000  # a voice turn never stopped ends here with `timeout`
+MAX_TURN_MS = 60_000  # a voice turn stops listening after this much audio and is answered
 
 REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{16,64}")
 CONVERSATION_ID = re.compile(r"[0-9A-Za-z_.:-]{1,64}")
@@ -117,6 +117,8 @@ def parse(payload: bytes) -> Message:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_request", "the payload is not UTF-8 JSON") from exc
+    except RecursionError as exc:
+        raise ProtocolError("bad_request", "the JSON is nested too deeply") from exc
     if not isinstance(data, dict):
         raise ProtocolError("bad_request", "a message is a JSON object")
     kind = data.get("type")
@@ -212,6 +214,8 @@ def _image(item: Any) -> Image:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ProtocolError("bad_request", "image data is not base64") from exc
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ProtocolError("too_large", f"an image is at most {MAX_IMAGE_BYTES} bytes")
     width, height = image_size(mime, data)
     if width * height > MAX_IMAGE_PIXELS:
         raise ProtocolError("too_large", "an image is at most 4096x4096 pixels")
@@ -254,7 +258,7 @@ def _listen(data: dict[str, Any]) -> Listen:
 
 def _hello(data: dict[str, Any]) -> Hello:
     version = data.get("version")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise ProtocolError("bad_request", f"this platform speaks protocol version {VERSION}")
     audio = data.get("audio")
     if audio is not None and not isinstance(audio, dict):

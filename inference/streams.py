@@ -54,6 +54,7 @@ DEFAULT_FORMATS = (DEFAULT_UPLINK, DEFAULT_DOWNLINK)
 async def _none() -> None:
     return None
 TURN_TICK_SECONDS = 0.25
+EARLY_FRAMES_MAX = 200
 
 
 class VoiceTurn:
@@ -108,9 +109,13 @@ class Stream:
     reason: str | None = None  # why it was cancelled
     settling: bool = False
     settled: bool = False
+    early_frames: list[Frame] = field(default_factory=list)  # audio that overtook `start`
+    stop_early: bool = False  # `listen stop` that overtook `start`
 
     def cancel(self, reason: str) -> None:
-        """Once: a second abort must not interrupt the settle the first one started."""
+        """Once: a second abort must not interrupt the settle the first one started. Before
+        admission answered there is nothing to cancel yet: the reason is noted and acted on
+        as soon as the stream starts."""
         if self.reason is not None or self.settling:
             return
         self.reason = reason
@@ -118,6 +123,26 @@ class Stream:
             self.turn.stop()
         if self.task is not None:
             self.task.cancel()
+
+    def add_frame(self, frame: Frame) -> None:
+        if self.turn is not None:
+            self.turn.add(frame)
+        elif len(self.early_frames) < EARLY_FRAMES_MAX:
+            self.early_frames.append(frame)
+
+    def stop_turn(self) -> None:
+        if self.turn is not None:
+            self.turn.stop()
+        else:
+            self.stop_early = True
+
+    def open_turn(self, turn: VoiceTurn) -> None:
+        self.turn = turn
+        for frame in self.early_frames:
+            turn.add(frame)
+        self.early_frames.clear()
+        if self.stop_early or self.reason is not None:
+            turn.stop()
 
 
 class BudgetCut(Exception):
@@ -231,66 +256,75 @@ class StreamRunner:
         text = None if voice else message.text  # type: ignore[union-attr]
         estimate = Units(input_tokens=estimate_tokens(text or "") + 85 * len(images),
                          images=len(images))
-        self.tag = (self.tag % 65535) + 1
+        key = (device_id, message.id)
+        if key in broker.streams:  # a redelivery while the original is still here
+            raise Refused("duplicate_request", request_id=message.id)
+        self.tag = tag = (self.tag % 65535) + 1  # read after awaits: keep this request's own
         stream_id = f"{broker.process_id}-{secrets.token_hex(8)}"
         stream = Stream(prefix, message.id, kind, received)
         conversation = message.conversation
         provider = broker.providers.for_profile(profile.provider)
-        admitted = time.perf_counter()
-        # Memory and audio formats are read while the admission script runs: same round trip.
-        extras = asyncio.gather(
-            broker.memory.load(tenant_id, device_id, conversation) if conversation else _none(),
-            self._formats(tenant_id, device_id) if voice or message.speak else _none(),
-            return_exceptions=True)
-        try:
-            admission = await broker.hook.admit(profile, message.id, kind, estimate,
-                                                stream_id=stream_id, owner=broker.process_id)
-        except BaseException:
-            extras.cancel()
-            with contextlib.suppress(BaseException):
-                await extras
-            raise
-        loaded_history, loaded_formats = await extras
-        history = [] if isinstance(loaded_history, BaseException) else loaded_history or []
-        uplink, downlink = (DEFAULT_FORMATS if isinstance(loaded_formats, BaseException)
-                            or loaded_formats is None else loaded_formats) \
-            if voice or message.speak else (None, None)
-        metrics.ADMISSION_SECONDS.observe(time.perf_counter() - admitted)
-        admission.state.update(provider=provider.name, model=provider.model,
-                               conversation_id=conversation)
-        request_log_id.set(stream_id)
-        stream.admission = admission
-        stream.used = Units(input_tokens=estimate.input_tokens, images=len(images))
-        stream.task = asyncio.current_task()
-        key = (device_id, message.id)
+        # Registered before admission, so an abort or audio that overtakes `start` is kept.
         broker.streams[key] = stream
-        metrics.IN_FLIGHT.inc()
-        start: dict[str, Any] = {"type": "start", "id": message.id, "stream": stream_id,
-                                 "route": broker.route, "tag": self.tag,
-                                 "model": provider.model}
-        if admission.budget is not None:
-            start["budget"] = admission.budget.as_dict()
+        if voice:
+            broker.turns[device_id] = stream
         try:
-            if voice:
-                assert uplink is not None
-                stream.turn = VoiceTurn(uplink, protocol.MAX_TURN_MS)
-                broker.turns[device_id] = stream
-                k = keys(self.settings.prefix, tenant_id)
-                broker.spawn(broker.redis.set(f"{k['seen']}:{device_id}:turn", stream_id,
-                                              ex=protocol.MAX_TURN_MS // 1000 + 10))
-                start["listening"] = True
-            broker.publish(prefix, protocol.DOWN, protocol.dumps(start), qos=1)
-            await self._run(stream, profile, provider, history, message, images, text,
-                            downlink)
+            admitted = time.perf_counter()
+            # Memory and audio formats are read while the admission script runs.
+            extras = asyncio.gather(
+                broker.memory.load(tenant_id, device_id, conversation) if conversation
+                else _none(),
+                self._formats(tenant_id, device_id) if voice or message.speak else _none(),
+                return_exceptions=True)
+            try:
+                admission = await broker.hook.admit(profile, message.id, kind, estimate,
+                                                    stream_id=stream_id,
+                                                    owner=broker.process_id)
+            except BaseException:
+                extras.cancel()
+                with contextlib.suppress(BaseException):
+                    await extras
+                raise
+            loaded_history, loaded_formats = await extras
+            metrics.ADMISSION_SECONDS.observe(time.perf_counter() - admitted)
+            history = [] if isinstance(loaded_history, BaseException) else loaded_history or []
+            uplink, downlink = (DEFAULT_FORMATS if isinstance(loaded_formats, BaseException)
+                                or loaded_formats is None else loaded_formats) \
+                if voice or message.speak else (None, None)
+            admission.state.update(provider=provider.name, model=provider.model,
+                                   conversation_id=conversation)
+            request_log_id.set(stream_id)
+            stream.admission = admission
+            stream.used = Units(input_tokens=estimate.input_tokens, images=len(images))
+            stream.task = asyncio.current_task()
+            metrics.IN_FLIGHT.inc()
+            start: dict[str, Any] = {"type": "start", "id": message.id, "stream": stream_id,
+                                     "route": broker.route, "tag": tag,
+                                     "model": provider.model}
+            if admission.budget is not None:
+                start["budget"] = admission.budget.as_dict()
+            try:
+                if voice:
+                    assert uplink is not None
+                    stream.open_turn(VoiceTurn(uplink, protocol.MAX_TURN_MS))
+                    k = keys(self.settings.prefix, tenant_id)
+                    broker.spawn(broker.redis.set(f"{k['seen']}:{device_id}:turn", stream_id,
+                                                  ex=protocol.MAX_TURN_MS // 1000 + 10))
+                    start["listening"] = True
+                broker.publish(prefix, protocol.DOWN, protocol.dumps(start), qos=1)
+                await self._run(stream, provider, history, message, images, text, downlink,
+                                tag)
+            finally:
+                metrics.IN_FLIGHT.dec()
         finally:
-            broker.streams.pop(key, None)
+            if broker.streams.get(key) is stream:
+                broker.streams.pop(key, None)
             if broker.turns.get(device_id) is stream:
                 broker.turns.pop(device_id, None)
-            metrics.IN_FLIGHT.dec()
 
-    async def _run(self, stream: Stream, profile: Any, provider: Any,
-                   history: list[dict[str, str]], message: Any, images: list[Any],
-                   text: str | None, downlink: AudioFormat | None) -> None:
+    async def _run(self, stream: Stream, provider: Any, history: list[dict[str, str]],
+                   message: Any, images: list[Any], text: str | None,
+                   downlink: AudioFormat | None, tag: int) -> None:
         broker = self.broker
         admission = stream.admission
         assert admission is not None
@@ -302,11 +336,13 @@ class StreamRunner:
         reported = ProviderUsage()
         forwarder = DeltaForwarder(broker, stream, self.settings.coalesce_ms / 1000,
                                    self.settings.coalesce_bytes)
-        speech = SpeechSender(broker, stream, downlink, self.tag) if downlink else None
+        speech = SpeechSender(broker, stream, downlink, tag) if downlink else None
         started = time.perf_counter()
         provider_started = started
         events = None
         try:
+            if stream.reason is not None:  # aborted (or the device left) before `start`
+                raise asyncio.CancelledError
             async with asyncio.timeout(self.settings.request_timeout):
                 if stream.turn is not None:
                     await self._listen(stream, stream.turn)
@@ -443,13 +479,19 @@ class StreamRunner:
             duration_ms=(time.perf_counter() - started) * 1000, finish=finish,
             error_code=error.code if error else None, broker=broker.process_id,
             settled_by="broker")
-        for attempt in range(50):  # Redis may be restarting: the usage must not be lost
+        attempt = 0
+        while True:  # Redis may be restarting: the usage must not be lost
             try:
-                await broker.hook.settle(admission, event)
+                settled_here = await broker.hook.settle(admission, event)
                 break
             except Exception as exc:
+                attempt += 1
                 log.warning("settling %s failed (%s); retrying", admission.stream_id, exc)
-                await asyncio.sleep(min(0.1 * (attempt + 1), 1.0))
+                await asyncio.sleep(min(0.1 * attempt, 1.0))
+        if not settled_here:  # a sweeper settled it meanwhile and told the device
+            log.warning("stream %s was settled by a sweeper", admission.stream_id)
+            stream.settled = True
+            return
         stream.settled = True
         metrics.REQUESTS.labels(stream.kind, finish).inc()
         if error is not None:
@@ -529,7 +571,6 @@ class SpeechSender:
         self.source_rate: int | None = None
         self.seq = 0
         self.frames = 0
-        self.held: bytes | None = None
         self.finished = False
 
     @property
@@ -548,23 +589,19 @@ class SpeechSender:
         self._send(self.encoder.encode(pcm))
 
     def finish(self) -> None:
+        """The remainder, padded, and then an empty frame flagged last (decoders skip it)."""
         if self.finished:
             return
         self.finished = True
         self._send(self.encoder.flush())
-        if self.held is not None:
-            self._publish(self.held, last=True)
-            self.held = None
+        if self.frames:
+            self.broker.publish(self.stream.prefix, protocol.DOWN_AUDIO,
+                                pack_frame(b"", seq=self.seq, tag=self.tag, last=True))
+            self.seq += 1
 
     def _send(self, packets: list[bytes]) -> None:
-        """Each packet goes out when the next exists, so the last can carry the flag."""
         for packet in packets:
-            if self.held is not None:
-                self._publish(self.held, last=False)
-            self.held = packet
-
-    def _publish(self, packet: bytes, *, last: bool) -> None:
-        self.broker.publish(self.stream.prefix, protocol.DOWN_AUDIO,
-                            pack_frame(packet, seq=self.seq, tag=self.tag, last=last))
-        self.seq += 1
-        self.frames += 1
+            self.broker.publish(self.stream.prefix, protocol.DOWN_AUDIO,
+                                pack_frame(packet, seq=self.seq, tag=self.tag))
+            self.seq += 1
+            self.frames += 1

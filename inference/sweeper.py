@@ -4,7 +4,9 @@ Every broker process runs one. A stream is orphaned when its owner's heartbeat k
 expired and its checkpoint is older than ``grace``. Its usage event is built from the
 checkpointed units and goes through the same settle script as a broker's, which deletes the
 in-flight record and appends the event together, so a stream is settled once however many
-sweepers (and a broker coming back) race for it. The device gets a terminal ``error``.
+sweepers (and a broker coming back) race for it. The device gets a terminal ``error``. A
+broker also settles its own records that none of its streams holds (an admission whose reply
+was lost), which would otherwise hold a concurrency slot for good.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Sweeper:
         settled = 0
         now_ms = int(time.time() * 1000)
         alive: dict[str, bool] = {broker.process_id: True}
+        mine = {s.admission.stream_id for s in broker.streams.values() if s.admission is not None}
         for raw_tenant in await redis.smembers(f"{prefix}:{INFLIGHT_TENANTS}"):
             tenant_id = raw_tenant.decode() if isinstance(raw_tenant, bytes) else raw_tenant
             records = await redis.hgetall(keys(prefix, tenant_id)["inflight"])
@@ -63,7 +66,12 @@ class Sweeper:
                 owner = record["owner"]
                 if owner not in alive:
                     alive[owner] = bool(await redis.exists(broker.heartbeat_key(owner)))
-                if alive[owner] or now_ms - int(record["checkpoint_ms"]) < self.grace_ms:
+                if now_ms - int(record["checkpoint_ms"]) < self.grace_ms:
+                    continue
+                # Also our own records that no stream of ours holds: an admission whose answer
+                # was lost on the way back from Redis.
+                if alive[owner] and not (owner == broker.process_id
+                                         and record["stream_id"] not in mine):
                     continue
                 event = orphan_event(record, now_ms, broker.process_id)
                 if await settle_event(redis, scripts, prefix, event):

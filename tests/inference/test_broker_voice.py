@@ -42,10 +42,11 @@ def test_a_voice_turn_is_heard_answered_and_spoken(platform: Any, device: Device
     assert reply.frames and [f.seq for f in reply.frames] == list(range(len(reply.frames)))
     assert reply.frames[-1].last and not any(f.last for f in reply.frames[:-1])
     assert {f.tag for f in reply.frames} == {reply.start["tag"]}  # type: ignore[index]
+    assert reply.frames[-1].packet == b""  # the end-of-speech marker carries no audio
     decoder = OpusDecoder(AudioFormat("opus", 16000, 1, 60))
     for frame in reply.frames:
         decoder.decode(frame.packet)
-    assert end["usage"]["audio_out_ms"] == len(reply.frames) * 60 == decoder.decoded_ms
+    assert end["usage"]["audio_out_ms"] == (len(reply.frames) - 1) * 60 == decoder.decoded_ms
 
 
 def test_an_image_request_is_answered_from_the_image(platform: Any, device: DeviceClient,
