@@ -120,6 +120,9 @@ def device_history(device: Device) -> list[DeviceEvent]:
 # --- products -----------------------------------------------------------------------------
 
 
+PRODUCT_LIMITS = ("requests_per_minute", "concurrent_streams", "daily_request_cap")
+
+
 def _check_limits(limits: dict[str, int | None]) -> None:
     bad = {key: ["Must be at least 1 (or null)."] for key, value in limits.items()
            if value is not None and value < 1}
@@ -158,9 +161,6 @@ def create_product(tenant_id: uuid.UUID, name: str, hardware_kind: HardwareKind,
     return product, raw
 
 
-PRODUCT_LIMITS = ("requests_per_minute", "concurrent_streams", "daily_request_cap")
-
-
 def update_product(product: Product, **changes: Any) -> Product:
     """Change the given fields; a limit given as ``None`` goes back to the platform's.
 
@@ -188,8 +188,10 @@ def update_product(product: Product, **changes: Any) -> Product:
         accounts.record_audit("product.update", tenant_id=product.tenant_id, target=product,
                      details=applied)
     if applied.keys() & set(PRODUCT_LIMITS):
-        access.devices_changed(product.tenant_id, db.session.execute(
+        device_ids = list(db.session.execute(
             select(Device.id).where(Device.product_id == product.id)).scalars())
+        if device_ids:
+            access.devices_changed(product.tenant_id, device_ids)
     return product
 
 

@@ -82,6 +82,10 @@ class UsageEventRecord(UUIDPrimaryKey, TenantOwned, Base):
 # --- settings (the web side writes them; the broker sees them through device profiles) --------
 
 
+FIRST_TOKEN_TIMEOUT_S = 20.0  # the OpenAI-compatible provider's own defaults
+TOTAL_TIMEOUT_S = 120.0
+
+
 class ProviderKind(enum.StrEnum):
     LOCAL = "local"  # the built-in provider (embedded profile, tests, benchmarks)
     OPENAI = "openai"  # any OpenAI-compatible endpoint
@@ -123,8 +127,8 @@ class ProviderConfig(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     # RESTRICT: deleting a config another one fails over to is refused, never silent.
     secondary_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("provider_configs.id", ondelete="RESTRICT"))
-    first_token_timeout_s: Mapped[float] = mapped_column(Float, default=20.0)
-    total_timeout_s: Mapped[float] = mapped_column(Float, default=120.0)
+    first_token_timeout_s: Mapped[float] = mapped_column(Float, default=FIRST_TOKEN_TIMEOUT_S)
+    total_timeout_s: Mapped[float] = mapped_column(Float, default=TOTAL_TIMEOUT_S)
     enabled: Mapped[bool] = mapped_column(default=True)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

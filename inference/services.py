@@ -29,7 +29,13 @@ from fleet.access import registry_channel
 from fleet.hooks import register_registry_hook, register_reset_hook
 from fleet.models import Device, Product
 from inference.directory import project_devices
-from inference.models import InferenceSettings, ProviderConfig, UsageEventRecord
+from inference.models import (
+    FIRST_TOKEN_TIMEOUT_S,
+    TOTAL_TIMEOUT_S,
+    InferenceSettings,
+    ProviderConfig,
+    UsageEventRecord,
+)
 from inference.sessions import RECENT_MAX, memory_key, recent_key
 from inference.settings import default_memory_settings
 
@@ -249,15 +255,16 @@ def _apply(config: ProviderConfig, changes: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_provider(tenant_id: uuid.UUID, data: dict[str, Any]) -> ProviderConfig:
+    # Column defaults arrive only at the flush; the checks before it need them now.
     config = ProviderConfig(tenant_id=tenant_id, is_default=False, enabled=True,
-                            first_token_timeout_s=20.0, total_timeout_s=120.0)
+                            first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S,
+                            total_timeout_s=TOTAL_TIMEOUT_S)
     applied = _apply(config, data)
     _check_unique(config)
     db.session.add(config)
     db.session.flush()
-    applied.pop("api_key", None)
-    accounts.record_audit("provider.create", tenant_id=tenant_id, target=config, details={
-        **applied, "api_key": "set" if config.api_key_encrypted else "none"})
+    accounts.record_audit("provider.create", tenant_id=tenant_id, target=config,
+                          details=applied)
     profiles_changed(tenant_id)
     return config
 

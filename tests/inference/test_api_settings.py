@@ -194,7 +194,7 @@ def test_provider_crud_never_shows_the_api_key(client: Any, vendor: Vendor) -> N
     assert [e.action for e in entries] == ["provider.create", "provider.update",
                                            "provider.update", "provider.update",
                                            "provider.delete"]
-    assert entries[0].details["api_key"] == "set"
+    assert entries[0].details["api_key"] == "set" and entries[0].details["name"] == "Main GPT"
     assert entries[1].details == {"model": "gpt-4o", "voice": None, "enabled": False}
     assert [e.details for e in entries[2:4]] == [{"api_key": "set"}, {"api_key": "removed"}]
     assert all(KEY not in str(e.details) and "sk-short" not in str(e.details)
