@@ -31,6 +31,7 @@ from core.redis import get_redis, name
 log = logging.getLogger(__name__)
 
 MISSES_KEY = "inference:profile-misses"
+PROJECTION_CHUNK = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +176,12 @@ def project_devices(tenant_id: uuid.UUID, device_ids: Iterable[uuid.UUID] | None
     prefix = current_app.config["ENSOUL_REDIS_PREFIX"]
     # Its own session: this runs from an after-commit hook, where db.session cannot query.
     with Session(bind=db.session.get_bind()) as session:
-        profiles = build_profiles(session, tenant_id, ids)
+        if ids is None:
+            profiles = build_profiles(session, tenant_id, None)
+        else:  # in chunks: a product of 100,000 devices is past Postgres' parameter limit
+            profiles = [profile for start in range(0, len(ids), PROJECTION_CHUNK)
+                        for profile in build_profiles(session, tenant_id,
+                                                      ids[start:start + PROJECTION_CHUNK])]
     pipe = get_redis().pipeline(transaction=False)
     found = set()
     for profile in profiles:

@@ -46,6 +46,7 @@ class UsageEventRecord(UUIDPrimaryKey, TenantOwned, Base):
         UniqueConstraint("device_id", "request_id", "admitted_at",
                          name="uq_usage_events_device_request_admitted"),
         Index("ix_usage_events_tenant_admitted", "tenant_id", "admitted_at"),
+        Index("ix_usage_events_device_admitted", "device_id", "admitted_at", "id"),
     )
 
     # Overrides TenantOwned's cascading FK (see the module docstring); still tenant-scoped.

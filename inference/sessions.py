@@ -70,9 +70,10 @@ class Memory:
                          int(settings.get("max_turns", 20)), int(settings.get("max_tokens", 4000)))
             pipe.hset(key, conversation, json.dumps(turns, ensure_ascii=False))
             pipe.expire(key, int(settings.get("ttl_seconds", 86400)))
-        recent = recent_key(self.prefix, tenant_id, device_id)
-        pipe.lpush(recent, json.dumps(record, ensure_ascii=False))
-        pipe.ltrim(recent, 0, RECENT_MAX - 1)
-        pipe.expire(recent, int(settings.get("transcript_ttl_seconds",
-                                              settings.get("ttl_seconds", 86400))))
+        keep = int(settings.get("transcript_ttl_seconds", settings.get("ttl_seconds", 86400)))
+        if keep > 0:  # 0: the tenant keeps no transcripts at all
+            recent = recent_key(self.prefix, tenant_id, device_id)
+            pipe.lpush(recent, json.dumps(record, ensure_ascii=False))
+            pipe.ltrim(recent, 0, RECENT_MAX - 1)
+            pipe.expire(recent, keep)
         await pipe.execute()

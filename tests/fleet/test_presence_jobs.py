@@ -98,7 +98,7 @@ def test_the_scheduler_enqueues_each_periodic_job_once_per_interval(app: Any) ->
         scheduler.start()
     try:
         queue = get_queue()
-        wait_until(lambda: queue.count >= 3, 10, what="the periodic jobs")
+        wait_until(lambda: queue.count >= 5, 10, what="the periodic jobs")
     finally:
         stop.set()
         for scheduler in schedulers:
@@ -107,7 +107,9 @@ def test_the_scheduler_enqueues_each_periodic_job_once_per_interval(app: Any) ->
                    for i in queue.job_ids)
     # Two schedulers, one enqueue each: the per-interval key lets only one through.
     assert names == ["fleet.tasks.flush_presence", "fleet.tasks.reconcile_broker_access",
-                     "fleet.tasks.retry_broker_access_sync"]
+                     "fleet.tasks.retry_broker_access_sync",
+                     "inference.tasks.project_all_profiles",
+                     "inference.tasks.project_missing_profiles"]
 
 
 @pytest.fixture
