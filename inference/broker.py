@@ -112,6 +112,9 @@ class InferenceBroker:
         self.link: MqttLink | None = None
         self.runner: StreamRunner | None = None
         self.ready = asyncio.Event()
+        # Background loops end on this rather than on cancellation, which redis-py's asyncio
+        # client can swallow while a command is in flight (a stop then waited forever).
+        self.closing = asyncio.Event()
         self._error_stamps: dict[str, float] = {}
 
     @property
@@ -134,11 +137,11 @@ class InferenceBroker:
         self.runner = StreamRunner(self)
         sweeper = Sweeper(self)
         background = [
-            asyncio.create_task(self.directory.follow_registry(self.settings.registry_channel,
-                                                               registry_ready)),
+            asyncio.create_task(self.directory.follow_registry(
+                self.settings.registry_channel, self.closing, registry_ready)),
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._checkpoints()),
-            asyncio.create_task(sweeper.run()),
+            asyncio.create_task(sweeper.run(self.closing)),
         ]
         await link.start()
         try:
@@ -160,9 +163,10 @@ class InferenceBroker:
             stream.cancel("shutdown")
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=10)
-        for task in background:
+        self.closing.set()
+        _, stuck = await asyncio.wait(background, timeout=5)
+        for task in stuck:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.redis.delete(self.heartbeat_key(self.process_id))
         if self.link is not None:
@@ -174,8 +178,14 @@ class InferenceBroker:
     def heartbeat_key(self, process_id: str) -> str:
         return f"{self.settings.prefix}:inference:broker:{process_id}"
 
+    async def tick(self, seconds: float) -> bool:
+        """Wait ``seconds``; False once the broker is closing."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.closing.wait(), seconds)
+        return not self.closing.is_set()
+
     async def _heartbeat(self) -> None:
-        while True:
+        while not self.closing.is_set():
             if len(self.buckets) > 50_000:  # forget devices that are not flooding
                 rate = self.settings.device_messages_per_second
                 self.buckets = {d: b for d, b in self.buckets.items()
@@ -185,12 +195,11 @@ class InferenceBroker:
                                      ex=int(HEARTBEAT_SECONDS * 5))
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await self.tick(HEARTBEAT_SECONDS)
 
     async def _checkpoints(self) -> None:
         """Write the metered units of streams in flight, so a sweeper can settle them."""
-        while True:
-            await asyncio.sleep(self.settings.checkpoint_ms / 1000)
+        while await self.tick(self.settings.checkpoint_ms / 1000):
             entries = [(s.admission, s.used) for s in self.streams.values()
                        if s.admission is not None and not s.settled]
             try:

@@ -12,6 +12,7 @@ commit) is recorded for the ``project_missing_profiles`` job, and the device is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -93,31 +94,33 @@ class DeviceDirectory:
     def clear(self) -> None:
         self._cache.clear()
 
-    async def follow_registry(self, channel: str, connected: asyncio.Event | None = None) -> None:
+    async def follow_registry(self, channel: str, closing: asyncio.Event,
+                              connected: asyncio.Event | None = None) -> None:
         """Drop entries the registry names; drop everything whenever the subscription broke."""
-        while True:
+        while not closing.is_set():
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(channel)
                     self.clear()  # whatever changed while we were not listening
                     if connected is not None:
                         connected.set()
-                    async for message in pubsub.listen():
-                        if message["type"] != "message":
+                    while not closing.is_set():
+                        message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                           timeout=0.5)
+                        if message is None or message["type"] != "message":
                             continue
                         try:
                             self.invalidate(json.loads(message["data"])["device_ids"])
                         except (ValueError, KeyError, TypeError):
                             log.warning("ignored a malformed registry message")
                             self.clear()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 self.clear()
                 if connected is not None:
                     connected.clear()
                 log.warning("registry subscription lost (%s); cache dropped", exc)
-                await asyncio.sleep(0.5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closing.wait(), 0.5)
 
 
 # --- projection (runs in web/worker processes, never in the broker) -------------------------

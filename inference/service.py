@@ -81,6 +81,6 @@ class BrokerThread:
         self.refused.set()
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self._loop is not None and self._stop is not None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)

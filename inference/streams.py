@@ -423,15 +423,19 @@ class StreamRunner:
             stream.used.input_tokens = reported.input_tokens
         if reported.output_tokens is not None:
             stream.used.output_tokens = reported.output_tokens
-        await self._settle(stream, finish, error, timing, started)
         if finish != "error" and not stream.reason:
+            # Before the terminal message: the device's next turn must find this one.
             asked = transcript or text or ""
-            broker.spawn(broker.memory.remember(
-                admission.device.tenant_id, admission.device.device_id,
-                admission.state.get("conversation_id"), history, asked, "".join(answer),
-                admission.device.memory,
-                {"id": stream.request_id, "kind": stream.kind, "asked": asked[:2000],
-                 "answer": "".join(answer)[:4000], "at": admission.admitted_at_ms}))
+            try:
+                await broker.memory.remember(
+                    admission.device.tenant_id, admission.device.device_id,
+                    admission.state.get("conversation_id"), history, asked, "".join(answer),
+                    admission.device.memory,
+                    {"id": stream.request_id, "kind": stream.kind, "asked": asked[:2000],
+                     "answer": "".join(answer)[:4000], "at": admission.admitted_at_ms})
+            except Exception as exc:
+                log.warning("remembering %s failed: %s", stream.request_id, exc)
+        await self._settle(stream, finish, error, timing, started)
 
     async def _listen(self, stream: Stream, turn: VoiceTurn) -> None:
         """Until the turn stops: meter the audio as it flows (extending the budget) and end a

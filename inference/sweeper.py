@@ -37,13 +37,10 @@ class Sweeper:
         self.grace_ms = grace_ms
         self.scripts: Scripts | None = None
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.every * random.uniform(0.75, 1.25))
+    async def run(self, closing: asyncio.Event) -> None:
+        while await self.broker.tick(self.every * random.uniform(0.75, 1.25)):
             try:
                 await self.sweep()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 log.warning("sweep failed: %s", exc)
 

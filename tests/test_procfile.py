@@ -44,7 +44,7 @@ def services_env(database_url: str, redis_url: str, redis_prefix: str,
 
 
 def test_procfile_names_every_process() -> None:
-    assert set(procfile()) == {"release", "web", "broker", "worker", "scheduler"}
+    assert set(procfile()) == {"release", "web", "broker", "usage", "worker", "scheduler"}
 
 
 def test_release_applies_migrations(services_env: dict[str, str]) -> None:
@@ -55,12 +55,12 @@ def test_release_applies_migrations(services_env: dict[str, str]) -> None:
     assert "up to date" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["broker", "worker", "scheduler"])
+@pytest.mark.parametrize("name", ["broker", "usage", "worker", "scheduler"])
 def test_long_running_process_starts_and_stops_cleanly(
     name: str, services_env: dict[str, str], log_dir: Path
 ) -> None:
     marker = {"broker": "broker started", "scheduler": "scheduler started",
-              "worker": "Listening on"}[name]
+              "usage": "usage writer started", "worker": "Listening on"}[name]
     process = ManagedProcess(f"procfile-{name}", shlex.split(procfile()[name]),
                              env=services_env, log_dir=log_dir)
     process.ready = lambda: marker in process.output()
