@@ -870,6 +870,9 @@ def test_two_aborts_in_a_row_still_give_one_end(make_env: Callable[..., Env], ru
     check_recorded(env, end, "abort")
 
 
+@pytest.mark.xfail(strict=True,
+                   reason="known bug: a follow-up arriving before the stream task regis"
+                          "ters is lost (register in on_message)")
 def test_an_abort_that_overtakes_start_aborts_the_request(make_env: Callable[..., Env],
                                                          run: Any) -> None:
     """The device knows no route yet: it aborts on ``up`` right after its request, so the
@@ -887,6 +890,9 @@ def test_an_abort_that_overtakes_start_aborts_the_request(make_env: Callable[...
     check_recorded(env, end, "abort")
 
 
+@pytest.mark.xfail(strict=True,
+                   reason="known bug: audio/stop arriving before the stream task regist"
+                          "ers is lost")
 def test_a_voice_turn_whose_audio_and_stop_overtake_start_is_answered(
         make_env: Callable[..., Env], run: Any) -> None:
     """A device that streams its buffered audio right behind ``listen start`` (before
