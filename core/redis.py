@@ -37,7 +37,12 @@ def connect_async(url: str, **options: Any) -> Any:
 
     options.setdefault("socket_connect_timeout", 2)
     options.setdefault("health_check_interval", 30)
-    return redis.asyncio.Redis.from_url(url, **options)
+    # A burst waits for a free connection instead of failing (redis-py's default pool raises
+    # once its connections are all in use).
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=options.pop("max_connections", 200),
+        timeout=options.pop("pool_timeout", 5), **options)
+    return redis.asyncio.Redis.from_pool(pool)  # owns the pool: aclose() closes it
 
 
 class RedisExtension:

@@ -277,7 +277,34 @@ class InferenceBroker:
             self._on_listen_stop(prefix, tenant_id, device_id, message, payload, routed)
         else:
             assert self.runner is not None
-            self.spawn(self.runner.serve(prefix, tenant_id, device_id, message, received))
+            stream = None
+            if not isinstance(message, protocol.Hello):
+                stream = self._register(prefix, device_id, message, received)
+                if stream is None:
+                    return
+            self.spawn(self.runner.serve(prefix, tenant_id, device_id, message, stream))
+
+    def _register(self, prefix: str, device_id: str,
+                  message: protocol.Request | protocol.Listen, received: float) -> Stream | None:
+        """Register the stream now, on the loop, so an abort, audio or stop that overtakes
+        ``start`` finds it; a request id still here is a redelivery."""
+        key = (device_id, message.id)
+        if key in self.streams:
+            self.send_error(prefix, ProtocolError("duplicate_request", request_id=message.id))
+            return None
+        voice = isinstance(message, protocol.Listen)
+        kind = "voice" if voice else ("vision" if message.images else "text")  # type: ignore[union-attr]
+        stream = Stream(prefix, message.id, kind, received)
+        self.streams[key] = stream
+        if voice:
+            self.turns[device_id] = stream
+        return stream
+
+    def forget(self, device_id: str, stream: Stream) -> None:
+        if self.streams.get((device_id, stream.request_id)) is stream:
+            del self.streams[(device_id, stream.request_id)]
+        if self.turns.get(device_id) is stream:
+            del self.turns[device_id]
 
     def _on_abort(self, prefix: str, tenant_id: str, device_id: str, message: protocol.Abort,
                   payload: bytes, routed: bool) -> None:
@@ -310,30 +337,35 @@ class InferenceBroker:
             stream.add_frame(frame)
         elif not routed:
             self.spawn(self._forward(prefix, tenant_id, device_id, None, payload, "/audio"))
-        else:
-            self.send_error(prefix, ProtocolError("bad_request", "no voice turn is open"),
-                            throttle_key=f"{device_id}:audio")
+        else:  # forwarded or sent after its turn ended: late frames are not reported
+            metrics.DROPPED.labels("late_audio").inc()
 
     async def _forward(self, prefix: str, tenant_id: str, device_id: str,
                        request_id: str | None, payload: bytes, suffix: str) -> None:
         """Hand a follow-up that reached this process to the process holding its stream."""
         from inference.hook import keys
 
+        throttle_key = f"{device_id}:unknown" if request_id is not None else f"{device_id}:audio"
+        if self._error_stamps.get(throttle_key, 0) > time.monotonic():
+            metrics.DROPPED.labels("unroutable").inc()  # a burst: no lookup per frame
+            return
         k = keys(self.settings.prefix, tenant_id)
-        if request_id is not None:
-            stream_id = await self.redis.get(f"{k['seen']}:{device_id}:{request_id}")
-        else:
-            stream_id = await self.redis.get(f"{k['seen']}:{device_id}:turn")
+        try:
+            stream_id = await self.redis.get(
+                f"{k['seen']}:{device_id}:{request_id if request_id is not None else 'turn'}")
+        except Exception as exc:  # Redis away: the follow-up cannot be routed
+            log.warning("could not look up a stream's owner: %s", exc)
+            metrics.DROPPED.labels("unroutable").inc()
+            return
         if isinstance(stream_id, bytes):
             stream_id = stream_id.decode()
         owner = stream_id.split("-", 1)[0] if stream_id else None
         if owner is None or owner == self.process_id:
             if request_id is not None:
-                self.send_error(prefix, ProtocolError("unknown_request", request_id=request_id),
-                                throttle_key=f"{device_id}:unknown")
+                error = ProtocolError("unknown_request", request_id=request_id)
             else:
-                self.send_error(prefix, ProtocolError("bad_request", "no voice turn is open"),
-                                throttle_key=f"{device_id}:audio")
+                error = ProtocolError("bad_request", "no voice turn is open")
+            self.send_error(prefix, error, throttle_key=throttle_key)
             return
         self.publish(prefix, f"{protocol.ROUTE}/{owner}{suffix}", payload,
                      qos=0 if suffix else 1)

@@ -102,6 +102,7 @@ class Stream:
     request_id: str
     kind: str
     received: float  # perf_counter() when the request arrived
+    stream_id: str | None = None  # set before admission: the sweeper knows it is ours
     admission: Admission | None = None
     task: asyncio.Task[Any] | None = None
     turn: VoiceTurn | None = None
@@ -156,15 +157,19 @@ class StreamRunner:
         self.tag = 0
 
     async def serve(self, prefix: str, tenant_id: str, device_id: str,
-                    message: protocol.Message, received: float) -> None:
+                    message: protocol.Message, stream: Stream | None = None) -> None:
+        """A hello, or a request / voice turn whose :class:`Stream` the broker registered."""
         broker = self.broker
         # Each task runs in its own context copy: log lines of this stream carry its id.
         request_log_id.set(f"{device_id[:8]}/{getattr(message, 'id', 'hello')[:12]}")
         try:
             if isinstance(message, protocol.Hello):
                 await self._hello(prefix, tenant_id, device_id, message)
-            elif isinstance(message, protocol.Request | protocol.Listen):
-                await self._request(prefix, tenant_id, device_id, message, received)
+            elif stream is not None:
+                try:
+                    await self._request(tenant_id, device_id, message, stream)  # type: ignore[arg-type]
+                finally:
+                    self.broker.forget(device_id, stream)
         except Refused as exc:
             if exc.repeated:
                 metrics.DROPPED.labels(exc.code).inc()
@@ -240,11 +245,12 @@ class StreamRunner:
 
     # --- requests and voice turns ----------------------------------------------------------
 
-    async def _request(self, prefix: str, tenant_id: str, device_id: str,
-                       message: protocol.Request | protocol.Listen, received: float) -> None:
+    async def _request(self, tenant_id: str, device_id: str,
+                       message: protocol.Request | protocol.Listen, stream: Stream) -> None:
         from inference.broker import profile_refusal
 
         broker = self.broker
+        prefix = stream.prefix
         voice = isinstance(message, protocol.Listen)
         profile = await broker.directory.get(tenant_id, device_id)
         refusal = profile_refusal(profile, message.id)
@@ -252,75 +258,66 @@ class StreamRunner:
             raise refusal
         assert profile is not None
         images = [] if voice else message.images  # type: ignore[union-attr]
-        kind = "voice" if voice else ("vision" if images else "text")
+        kind = stream.kind
         text = None if voice else message.text  # type: ignore[union-attr]
         estimate = Units(input_tokens=estimate_tokens(text or "") + 85 * len(images),
                          images=len(images))
-        key = (device_id, message.id)
-        if key in broker.streams:  # a redelivery while the original is still here
-            raise Refused("duplicate_request", request_id=message.id)
         self.tag = tag = (self.tag % 65535) + 1  # read after awaits: keep this request's own
-        stream_id = f"{broker.process_id}-{secrets.token_hex(8)}"
-        stream = Stream(prefix, message.id, kind, received)
+        stream.stream_id = stream_id = f"{broker.process_id}-{secrets.token_hex(8)}"
         conversation = message.conversation
         provider = broker.providers.for_profile(profile.provider)
-        # Registered before admission, so an abort or audio that overtakes `start` is kept.
-        broker.streams[key] = stream
-        if voice:
-            broker.turns[device_id] = stream
+        admitted = time.perf_counter()
+        # Memory and audio formats are read while the admission script runs.
+        extras = asyncio.gather(
+            broker.memory.load(tenant_id, device_id, conversation) if conversation
+            else _none(),
+            self._formats(tenant_id, device_id) if voice or message.speak else _none(),
+            return_exceptions=True)
         try:
-            admitted = time.perf_counter()
-            # Memory and audio formats are read while the admission script runs.
-            extras = asyncio.gather(
-                broker.memory.load(tenant_id, device_id, conversation) if conversation
-                else _none(),
-                self._formats(tenant_id, device_id) if voice or message.speak else _none(),
-                return_exceptions=True)
-            try:
-                admission = await broker.hook.admit(profile, message.id, kind, estimate,
-                                                    stream_id=stream_id,
-                                                    owner=broker.process_id)
-            except BaseException:
-                extras.cancel()
-                with contextlib.suppress(BaseException):
-                    await extras
-                raise
-            loaded_history, loaded_formats = await extras
-            metrics.ADMISSION_SECONDS.observe(time.perf_counter() - admitted)
-            history = [] if isinstance(loaded_history, BaseException) else loaded_history or []
-            uplink, downlink = (DEFAULT_FORMATS if isinstance(loaded_formats, BaseException)
-                                or loaded_formats is None else loaded_formats) \
-                if voice or message.speak else (None, None)
-            admission.state.update(provider=provider.name, model=provider.model,
-                                   conversation_id=conversation)
-            request_log_id.set(stream_id)
-            stream.admission = admission
-            stream.used = Units(input_tokens=estimate.input_tokens, images=len(images))
-            stream.task = asyncio.current_task()
-            metrics.IN_FLIGHT.inc()
-            start: dict[str, Any] = {"type": "start", "id": message.id, "stream": stream_id,
-                                     "route": broker.route, "tag": tag,
-                                     "model": provider.model}
-            if admission.budget is not None:
-                start["budget"] = admission.budget.as_dict()
-            try:
-                if voice:
-                    assert uplink is not None
-                    stream.open_turn(VoiceTurn(uplink, protocol.MAX_TURN_MS))
-                    k = keys(self.settings.prefix, tenant_id)
-                    broker.spawn(broker.redis.set(f"{k['seen']}:{device_id}:turn", stream_id,
-                                                  ex=protocol.MAX_TURN_MS // 1000 + 10))
-                    start["listening"] = True
-                broker.publish(prefix, protocol.DOWN, protocol.dumps(start), qos=1)
-                await self._run(stream, provider, history, message, images, text, downlink,
-                                tag)
-            finally:
-                metrics.IN_FLIGHT.dec()
+            admission = await broker.hook.admit(profile, message.id, kind, estimate,
+                                                stream_id=stream_id,
+                                                owner=broker.process_id)
+        except BaseException:
+            extras.cancel()
+            with contextlib.suppress(BaseException):
+                await extras
+            raise
+        loaded_history, loaded_formats = await extras
+        metrics.ADMISSION_SECONDS.observe(time.perf_counter() - admitted)
+        history = [] if isinstance(loaded_history, BaseException) else loaded_history or []
+        uplink, downlink = (DEFAULT_FORMATS if isinstance(loaded_formats, BaseException)
+                            or loaded_formats is None else loaded_formats) \
+            if voice or message.speak else (None, None)
+        admission.state.update(provider=provider.name, model=provider.model,
+                               conversation_id=conversation)
+        request_log_id.set(stream_id)
+        stream.admission = admission
+        stream.used = Units(input_tokens=estimate.input_tokens, images=len(images))
+        stream.task = asyncio.current_task()
+        metrics.IN_FLIGHT.inc()
+        start: dict[str, Any] = {"type": "start", "id": message.id, "stream": stream_id,
+                                 "route": broker.route, "tag": tag,
+                                 "model": provider.model}
+        if admission.budget is not None:
+            start["budget"] = admission.budget.as_dict()
+        try:
+            if voice:
+                assert uplink is not None
+                stream.open_turn(VoiceTurn(uplink, protocol.MAX_TURN_MS))
+                # Before `start`: a frame sent after it may reach another process, which
+                # finds the turn's owner under this key.
+                k = keys(self.settings.prefix, tenant_id)
+                try:
+                    await broker.redis.set(f"{k['seen']}:{device_id}:turn", stream_id,
+                                           ex=protocol.MAX_TURN_MS // 1000 + 10)
+                except Exception as exc:  # only forwarding needs it
+                    log.warning("could not record the turn's owner: %s", exc)
+                start["listening"] = True
+            broker.publish(prefix, protocol.DOWN, protocol.dumps(start), qos=1)
+            await self._run(stream, provider, history, message, images, text, downlink,
+                            tag)
         finally:
-            if broker.streams.get(key) is stream:
-                broker.streams.pop(key, None)
-            if broker.turns.get(device_id) is stream:
-                broker.turns.pop(device_id, None)
+            metrics.IN_FLIGHT.dec()
 
     async def _run(self, stream: Stream, provider: Any, history: list[dict[str, str]],
                    message: Any, images: list[Any], text: str | None,
@@ -449,6 +446,7 @@ class StreamRunner:
                 raise ProtocolError("timeout", f"no audio for {self.settings.turn_idle_seconds:g}"
                                     " s and no listen stop")
             await self._extend(stream)
+        stream.used.audio_in_ms = turn.ms  # also for a turn that stopped before it opened
         if turn.error is not None:
             raise turn.error
 

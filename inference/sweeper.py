@@ -54,7 +54,7 @@ class Sweeper:
         settled = 0
         now_ms = int(time.time() * 1000)
         alive: dict[str, bool] = {broker.process_id: True}
-        mine = {s.admission.stream_id for s in broker.streams.values() if s.admission is not None}
+        mine = {s.stream_id for s in broker.streams.values() if s.stream_id is not None}
         for raw_tenant in await redis.smembers(f"{prefix}:{INFLIGHT_TENANTS}"):
             tenant_id = raw_tenant.decode() if isinstance(raw_tenant, bytes) else raw_tenant
             records = await redis.hgetall(keys(prefix, tenant_id)["inflight"])

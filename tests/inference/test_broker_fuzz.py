@@ -266,8 +266,6 @@ def test_a_low_flood_limit_drops_and_counts(make_env: Callable[..., Env],  # noq
     run(serves(flooding))
 
 
-@pytest.mark.xfail(strict=False,  # fails in about 2 runs of 3 until the bug is fixed
-                   reason="known bug: forwarding lookups exhaust the async Redis pool")
 def test_an_audio_burst_on_the_shared_topic_does_not_starve_other_devices(
         make_env: Callable[..., Env], run: Any, caplog: pytest.LogCaptureFixture  # noqa: F811
 ) -> None:

@@ -260,9 +260,6 @@ def test_voice_turns_with_and_without_the_route(platform: Any, brokers: Any, run
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="known bug: late forwarded frames after a turn ended are answ"
-                          "ered with bad_request")
 def test_frames_forwarded_after_their_turn_ended_are_dropped_silently(
         platform: Any, brokers: Any, run: Any) -> None:
     """docs/protocol.md 11.3 and 13: a frame on the shared ``up/audio`` that another process
