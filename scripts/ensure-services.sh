@@ -29,8 +29,6 @@ fi
 command -v mosquitto >/dev/null || apt_install mosquitto mosquitto-clients
 command -v mosquitto_passwd >/dev/null || apt_install mosquitto-clients
 command -v chromium >/dev/null || apt_install chromium
-# inference/audio.py's Opus binding loads the system libopus through ctypes.
-/sbin/ldconfig -p | grep 'libopus\.so\.0' >/dev/null || apt_install libopus0
 for _ in $(seq 1 100); do port_open 5432 && port_open 6379 && break; sleep 0.1; done
 port_open 5432 || { echo "error: PostgreSQL did not come up on 127.0.0.1:5432" >&2; exit 1; }
 port_open 6379 || { echo "error: Redis did not come up on 127.0.0.1:6379" >&2; exit 1; }

@@ -10,6 +10,15 @@ need() {  # need <command> <how to install it>
 }
 need python3 "apt-get install -y python3 python3-venv"
 need npm "apt-get install -y nodejs npm"
+# inference/audio.py's Opus binding loads the system libopus through ctypes.
+if ! /sbin/ldconfig -p | grep -q 'libopus\.so\.0'; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopus0 >/dev/null
+  else
+    echo "error: libopus is missing; install it with: sudo apt-get install -y libopus0" >&2; exit 1
+  fi
+fi
 
 python3 - <<'PY' || { echo "error: Python 3.11 or newer is required" >&2; exit 1; }
 import sys

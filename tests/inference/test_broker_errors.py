@@ -32,6 +32,7 @@ from core.mqtt import platform_target
 from fleet import services
 from fleet.access import registry_channel
 from inference import protocol
+from inference import services as inference_services
 from inference.audio import (
     MAX_FRAME_BYTES,
     AudioFormat,
@@ -43,6 +44,7 @@ from inference.client import OFFLINE, ONLINE, DeviceClient, Reply, new_request_i
 from inference.directory import MISSES_KEY, profile_key, project_devices, project_missing_profiles
 from inference.hook import keys
 from inference.link import MqttLink
+from inference.models import ProviderConfig
 from inference.service import BrokerThread
 from tests.inference.conftest import Fleet, connect_with_retry, make_fleet
 from tests.support.fake_openai import FakeOpenAI
@@ -95,6 +97,22 @@ class Env:
         assert self.thread.broker is not None
         return self.device_id(index) in self.thread.broker.directory._cache
 
+    def use_provider(self, **spec: Any) -> ProviderConfig:
+        """The tenant's default provider, configured as a vendor would (the service behind
+        ``POST /api/v1/providers``); its devices' profiles follow after the commit."""
+        config = inference_services.create_provider(
+            uuid.UUID(self.tenant_id),
+            {"name": f"p-{uuid.uuid4().hex[:8]}", "kind": "openai", "model": "gpt-x",
+             "is_default": True, **spec})
+        db.session.commit()
+        self.reproject()
+        return config
+
+    def back_to_local(self, config: ProviderConfig) -> None:
+        inference_services.delete_provider(db.session.merge(config))
+        db.session.commit()
+        self.reproject()
+
     def reproject(self) -> None:
         """What a registry change does after commit: project, then invalidate the caches."""
         project_devices(uuid.UUID(self.tenant_id))
@@ -107,8 +125,8 @@ class Env:
 
 @pytest.fixture
 def make_env(platform: Any, start_broker: Callable[..., BrokerThread], run: Any,
-             redis_client: Any, monkeypatch: pytest.MonkeyPatch
-             ) -> Iterator[Callable[..., Env]]:
+             redis_client: Any, monkeypatch: pytest.MonkeyPatch,
+             request: pytest.FixtureRequest) -> Iterator[Callable[..., Env]]:
     """``make_env(count, status=..., **config)``: config is set before the fleet's profiles
     are projected and before the broker reads its settings."""
     clients: list[DeviceClient] = []
@@ -126,7 +144,10 @@ def make_env(platform: Any, start_broker: Callable[..., BrokerThread], run: Any,
             run(connect_with_retry(client))
             clients.append(client)
             connected.append(client)
-        return Env(platform, fleet, thread, connected, redis_client, run)
+        env = Env(platform, fleet, thread, connected, redis_client, run)
+        if "fake_openai" in request.fixturenames:
+            env.use_provider(base_url=request.getfixturevalue("fake_openai").base_url)
+        return env
 
     yield _make
     for client in clients:
@@ -134,15 +155,11 @@ def make_env(platform: Any, start_broker: Callable[..., BrokerThread], run: Any,
 
 
 @pytest.fixture
-def fake_openai(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
-    """Devices projected from now on use the local fake OpenAI server as their provider.
+def fake_openai() -> Iterator[FakeOpenAI]:
+    """The local fake OpenAI server; ``make_env`` makes it the tenant's default provider.
 
     ``[fake:<scenario>]`` in a request's text picks the server's behaviour for it."""
-    import inference.settings
-
     server = FakeOpenAI().start()
-    monkeypatch.setattr(inference.settings, "provider_profile", lambda *_args: {
-        "kind": "openai", "base_url": server.base_url, "model": "gpt-x"})
     yield server
     server.stop()
 
@@ -1081,22 +1098,15 @@ def test_a_provider_answering_400_is_a_provider_error(fake_openai: FakeOpenAI,
     check_recorded(env, error, "error", "provider_error")
 
 
-def test_an_unreachable_provider_is_unavailable(monkeypatch: pytest.MonkeyPatch,
-                                                make_env: Callable[..., Env], run: Any) -> None:
-    import inference.settings
-
-    dead = f"http://127.0.0.1:{free_port()}/v1"
-    monkeypatch.setattr(inference.settings, "provider_profile", lambda *_args: {
-        "kind": "openai", "base_url": dead, "model": "gpt-x"})
+def test_an_unreachable_provider_is_unavailable(make_env: Callable[..., Env], run: Any) -> None:
     env = make_env(1)
+    config = env.use_provider(base_url=f"http://127.0.0.1:{free_port()}/v1")
     reply = run(env.device.ask("Hello?"))
 
     error = one_terminal(reply)
     check_error(error, "provider_unavailable", request_id=reply.request_id, usage=True)
     check_recorded(env, error, "error", "provider_unavailable")
-    monkeypatch.setattr(inference.settings, "provider_profile",
-                        lambda *_args: {"kind": "local"})
-    env.reproject()
+    env.back_to_local(config)
     run(serves(env.device))
 
 
@@ -1120,23 +1130,19 @@ def test_a_duplicate_while_a_held_original_streams_then_it_ends_normally(
 
 
 def test_a_provider_that_cannot_be_built_does_not_leak_the_stream_slot(
-        monkeypatch: pytest.MonkeyPatch, make_env: Callable[..., Env], run: Any,
-        redis_client: Any) -> None:
+        make_env: Callable[..., Env], run: Any, redis_client: Any) -> None:
     """A provider whose settings cannot be used (here an API key that does not decrypt, as
     after an encryption-key rotation) must still settle the admitted request: its terminal
     says so and the device's stream slot is free again once the settings are fixed."""
-    import inference.settings
-
-    monkeypatch.setattr(inference.settings, "provider_profile", lambda *_args: {
-        "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-x",
-        "api_key_encrypted": "not-a-token"})
     env = make_env(1, ENSOUL_INFERENCE_CONCURRENT_STREAMS=1)
+    config = env.use_provider(base_url="http://127.0.0.1:9/v1", api_key="sk-rotated-away-1234")
+    config.api_key_encrypted = "not-a-token"  # what a rotated encryption key leaves behind
+    db.session.commit()
+    env.reproject()
     reply = run(env.device.ask("Hello?"))
     error = one_terminal(reply)
     assert error["type"] == "error" and error["id"] == reply.request_id, error
 
-    monkeypatch.setattr(inference.settings, "provider_profile",
-                        lambda *_args: {"kind": "local"})
-    env.reproject()
+    env.back_to_local(config)
     run(serves(env.device))
     assert not redis_client.hgetall(keys(env.prefix, env.tenant_id)["inflight"])
