@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import re
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,17 +15,28 @@ import redis as redis_lib
 from babel.dates import format_datetime
 from sqlalchemy import select
 
-from accounts.models import AuditEntry, Role
+from accounts import services as accounts
+from accounts.models import AuditEntry, Role, Tenant
 from core.db import db
 from fleet.models import Device, DeviceStatus
 from inference import protocol
+from inference.service import BrokerThread
 from inference.sessions import memory_key, recent_key
 from inference.units import Units
 from inference.usage import UsageEvent, UsageWriter, append_event
 from portal.inference_views import ANSWER_ERRORS
+from tests.conftest import CommittingClient
+from tests.factories import PASSWORD
 from tests.fleet.fixtures import Vendor
+from tests.inference.conftest import (  # noqa: F401 - fixtures
+    broker,
+    inference_mosquitto,
+    make_fleet,
+    platform,
+    start_broker,
+)
 from tests.portal.fleet_helpers import log_in_as, make_device
-from tests.portal.helpers import csrf, post, text
+from tests.portal.helpers import csrf, login, post, text
 from tests.support.waiting import free_port
 
 NOW_MS = 1_796_000_000_000  # 2026-11-30 09:33:20 UTC
@@ -195,30 +205,6 @@ def test_another_tenants_device_is_not_found(client: Any, vendor: Vendor, other_
     assert audit_actions(theirs) == []
 
 
-class FakeTry:
-    """Stands in for inference.try_it.try_request: what the broker would send, no MQTT."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Device, str, float, str]] = []
-
-    def __call__(self, device: Device, text: str, timeout: float, *,
-                 request_id: str) -> Iterator[dict[str, Any]]:
-        self.calls.append((device, text, timeout, request_id))
-        yield {"type": "start", "id": request_id, "route": "up/r/b1"}
-        yield {"type": "delta", "id": request_id, "seq": 0, "text": "Hello\n"}
-        yield {"type": "delta", "id": request_id, "seq": 1, "text": "你好"}
-        yield {"type": "end", "id": request_id, "finish": "stop",
-               "usage": {"input_tokens": 3, "output_tokens": 2, "credits": 0},
-               "timing": {"first_delta_ms": 1.5, "provider_ttft_ms": 1.0}}
-
-
-@pytest.fixture
-def fake_try(monkeypatch: pytest.MonkeyPatch) -> FakeTry:
-    fake = FakeTry()
-    monkeypatch.setattr("portal.inference_views.try_request", fake)
-    return fake
-
-
 def sse(body: str) -> list[tuple[str, dict[str, Any]]]:
     events = []
     for block in body.strip().split("\n\n"):
@@ -227,51 +213,72 @@ def sse(body: str) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
+@pytest.fixture
+def tried(platform: Any, broker: BrokerThread) -> tuple[Any, Device, str]:  # noqa: F811
+    """A client logged in as an operations member of a tenant whose active device the real
+    inference broker serves (on this suite's Mosquitto); the try needs committed rows."""
+    fleet = make_fleet(1)
+    device = fleet.devices[0][0]
+    user = accounts.create_user(f"ops-{uuid.uuid4().hex[:8]}@vendor.example", PASSWORD, "Ops")
+    accounts.add_member(db.session.get(Tenant, device.tenant_id), user, Role.OPERATIONS)
+    db.session.commit()
+    platform.test_client_class = CommittingClient
+    client = platform.test_client()
+    login(client, user.email)
+    return client, device, user.email
+
+
 def test_try_streams_the_answer_as_server_sent_events_and_is_audited(
-        client: Any, vendor: Vendor, active: Device, fake_try: FakeTry) -> None:
-    log_in_as(client, vendor, Role.OPERATIONS)
-    response = post(client, url(active, "try"), {"text": "  Hello, bear!  "}, page=url(active))
+        tried: tuple[Any, Device, str]) -> None:
+    client, device, email = tried
+    response = post(client, url(device, "try"), {"text": "  Hello, 熊!  "}, page=url(device))
     assert response.status_code == 200
     assert response.mimetype == "text/event-stream"
     assert response.headers["Cache-Control"] == "no-store"
     events = sse(text(response))
-    [(device, sent, timeout, request_id)] = fake_try.calls
-    assert (device.id, sent, timeout) == (active.id, "Hello, bear!", 20.0)
+    assert events[0][0] == "start" and events[-1][0] == "end"
+    assert {name for name, _ in events[1:-1]} == {"delta"}
+    request_id = events[0][1]["id"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
-    assert [name for name, _ in events] == ["start", "delta", "delta", "end"]
-    assert "".join(m["text"] for name, m in events if name == "delta") == "Hello\n你好"
-    assert events[-1][1]["finish"] == "stop"
-    assert audit_actions(active) == [("device.try", {"request_id": request_id, "chars": 12})]
+    assert all(message["id"] == request_id for _, message in events)
+    answer = "".join(m["text"] for name, m in events if name == "delta")
+    assert answer.startswith("You asked: Hello, 熊!")  # the local provider's echo, trimmed
+    end = events[-1][1]
+    assert end["finish"] == "stop" and end["usage"]["output_tokens"] == 12
+    db.session.expire_all()
+    [entry] = db.session.execute(select(AuditEntry).where(
+        AuditEntry.action == "device.try", AuditEntry.target_id == str(device.id))).scalars()
+    assert entry.details == {"request_id": request_id, "chars": 9}
+    assert entry.actor_label == email
 
 
 @pytest.mark.parametrize(("data", "status"), [({"text": ""}, 422), ({"text": "   "}, 422),
                                               ({"text": "x" * 2001}, 422),
                                               ({"text": "a\x00b"}, 422)])
 def test_try_refuses_a_bad_message(client: Any, vendor: Vendor, active: Device,
-                                   fake_try: FakeTry, data: dict[str, str], status: int) -> None:
+                                   data: dict[str, str], status: int) -> None:
     log_in_as(client, vendor)
     assert post(client, url(active, "try"), data, page=url(active)).status_code == status
-    assert fake_try.calls == [] and audit_actions(active) == []
+    assert audit_actions(active) == []
 
 
-def test_try_needs_the_csrf_token(client: Any, vendor: Vendor, active: Device,
-                                  fake_try: FakeTry) -> None:
+def test_try_needs_the_csrf_token(client: Any, vendor: Vendor, active: Device) -> None:
     log_in_as(client, vendor)
     assert client.post(url(active, "try"), data={"text": "hi"}).status_code == 400
     assert client.post(url(active, "try"), data={"text": "hi", "csrf_token": "forged"}
                        ).status_code == 400
-    assert fake_try.calls == [] and audit_actions(active) == []
+    assert audit_actions(active) == []
 
 
 @pytest.mark.parametrize("status", [DeviceStatus.PROVISIONED, DeviceStatus.SUSPENDED,
                                     DeviceStatus.RETIRED])
-def test_only_an_active_device_can_be_tried(client: Any, vendor: Vendor, fake_try: FakeTry,
+def test_only_an_active_device_can_be_tried(client: Any, vendor: Vendor,
                                             status: DeviceStatus) -> None:
     device = make_device(vendor.product, status=status)
     log_in_as(client, vendor)
     response = post(client, url(device, "try"), {"text": "hi"}, page=url(device))
     assert response.status_code == 409
-    assert fake_try.calls == [] and audit_actions(device) == []
+    assert audit_actions(device) == []
 
 
 def test_an_unreachable_mqtt_broker_ends_the_stream_with_an_error(
