@@ -21,6 +21,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -301,19 +302,27 @@ class MosquittoInstance:
                 "ENSOUL_MOSQUITTO_RELOAD_COMMAND": None}
 
 
-@pytest.fixture(scope="session")
-def mosquitto(
-    tmp_path_factory: pytest.TempPathFactory, log_dir: Path
-) -> Iterator[MosquittoInstance]:
+@contextmanager
+def running_mosquitto(log_dir: Path, name: str) -> Iterator[MosquittoInstance]:
+    """A started :class:`MosquittoInstance` in a fresh ``ensoul-{name}-*`` temp dir; stopped
+    and its dir removed on exit. Fails (never skips) when mosquitto is not installed."""
     if shutil.which("mosquitto") is None:
         pytest.fail("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients")
     # Not under pytest's 0700 temp root: Mosquitto started as root drops to its own user.
-    workdir = Path(tempfile.mkdtemp(prefix="ensoul-mosquitto-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"ensoul-{name}-"))
     instance = MosquittoInstance(workdir, log_dir)
-    instance.process.start()
-    yield instance
-    instance.process.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        instance.process.start()
+        yield instance
+    finally:
+        instance.process.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mosquitto(log_dir: Path) -> Iterator[MosquittoInstance]:
+    with running_mosquitto(log_dir, "mosquitto") as instance:
+        yield instance
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,7 @@ never disturbed. ``broker_platform`` points the app's settings at it.
 
 from __future__ import annotations
 
-import shutil
 import ssl
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +27,7 @@ from core.mqtt import MqttTarget, parse_mqtt_url
 from fleet import services
 from fleet.broker_access.embedded import broker_plugins
 from fleet.models import Device, HardwareKind, Product
-from tests.conftest import MosquittoInstance
+from tests.conftest import MosquittoInstance, running_mosquitto
 from tests.factories import TenantFactory
 from tests.support.waiting import free_port, wait_until
 
@@ -39,15 +37,8 @@ V311 = {"protocol": paho.MQTTv311}  # amqtt speaks MQTT 3.1.1 only
 
 @pytest.fixture(scope="session")
 def fleet_mosquitto(log_dir: Path) -> Iterator[MosquittoInstance]:
-    if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients")
-    # Not under pytest's 0700 temp root: Mosquitto started as root drops to its own user.
-    workdir = Path(tempfile.mkdtemp(prefix="ensoul-fleet-mosquitto-"))
-    instance = MosquittoInstance(workdir, log_dir)
-    instance.process.start()
-    yield instance
-    instance.process.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_mosquitto(log_dir, "fleet-mosquitto") as instance:
+        yield instance
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ Tests are plain functions; ``run(coro)`` drives a coroutine on the test's loop.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ from fleet.models import Device, HardwareKind, Product
 from fleet.topics import connection_info
 from inference.client import DeviceClient
 from inference.service import BrokerThread
-from tests.conftest import MosquittoInstance
+from tests.conftest import MosquittoInstance, running_mosquitto
 from tests.factories import TenantFactory
 from tests.support.waiting import wait_until
 
@@ -35,14 +33,8 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="session")
 def inference_mosquitto(log_dir: Path) -> Iterator[MosquittoInstance]:
-    if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients")
-    workdir = Path(tempfile.mkdtemp(prefix="ensoul-inference-mosquitto-"))
-    instance = MosquittoInstance(workdir, log_dir)
-    instance.process.start()
-    yield instance
-    instance.process.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_mosquitto(log_dir, "inference-mosquitto") as instance:
+        yield instance
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Helpers for tests that run the inference broker as real ``flask --app app broker``
-processes: their environment and process id, a dedicated redis-server, an MQTT monitor on the
-route topics, asynchronous waits, and the TCP options of another process's sockets.
+processes: their environment and process id, an MQTT monitor on the route topics,
+asynchronous waits, and the TCP options of another process's sockets.
 """
 
 from __future__ import annotations
@@ -17,14 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis as redis_lib
-
 from core.mqtt import MqttTarget
 from inference.client import DeviceClient, Reply, new_request_id
 from inference.hook import keys
 from inference.link import MqttLink
-from tests.support.processes import PROJECT_ROOT, ManagedProcess, flask_command
-from tests.support.waiting import free_port
+from tests.support.processes import ManagedProcess, flask_command
 
 SERVING = re.compile(r"inference broker (b[0-9a-f]{8}) serving on")
 
@@ -194,27 +191,6 @@ class RouteMonitor:
     async def stop(self) -> None:
         if self.link is not None:
             await self.link.stop()
-
-
-class RedisServer:
-    """A redis-server of its own with the project's config (AOF, fsync every second)."""
-
-    def __init__(self, workdir: Path, log_dir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.client = redis_lib.Redis.from_url(self.url, socket_timeout=5)
-        self.process = ManagedProcess(
-            f"redis-broker-{self.port}",
-            ["redis-server", str(PROJECT_ROOT / "config/redis.conf"), "--port", str(self.port),
-             "--dir", str(workdir)],
-            log_dir=log_dir, ready=self.loaded)
-
-    def loaded(self) -> bool:
-        try:
-            return int(self.client.info("persistence")["loading"]) == 0
-        except redis_lib.RedisError:
-            return False
 
 
 PIDFD_GETFD = 438  # the same number on every Linux architecture

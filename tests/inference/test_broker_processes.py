@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import socket
-import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,10 @@ from inference.models import UsageEventRecord
 from inference.providers.registry import ProviderRegistry
 from inference.sweeper import Sweeper, orphan_event
 from inference.usage import UsageWriter
-from tests.conftest import MosquittoInstance
+from tests.conftest import running_mosquitto
 from tests.inference.conftest import Fleet, connect_with_retry, make_fleet
 from tests.inference.processes import (
     BrokerProcess,
-    RedisServer,
     RouteMonitor,
     begin_on,
     broker_env,
@@ -52,6 +50,7 @@ from tests.inference.processes import (
     usage_events,
 )
 from tests.support.processes import PROJECT_ROOT
+from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture
@@ -88,6 +87,22 @@ async def close_devices(devices: list[DeviceClient]) -> None:
 def owner(reply: Any) -> str:
     assert reply.start is not None, reply.messages
     return str(reply.start["stream"]).split("-", 1)[0]
+
+
+@asynccontextmanager
+async def watched_device(app: Any, fleet: Fleet, *serving: BrokerProcess
+                         ) -> AsyncIterator[tuple[DeviceClient, RouteMonitor]]:
+    """The fleet's first device, once each of ``serving`` answers it on its route, and a
+    :class:`RouteMonitor` of the route topics; both closed on exit."""
+    [device] = await connect_devices(fleet, 1)
+    monitor = await RouteMonitor(platform_target(app.config)).start()
+    try:
+        for broker in serving:
+            await until_served(device, broker.route)
+        yield device, monitor
+    finally:
+        await monitor.stop()
+        await close_devices([device])
 
 
 # --- 1. two processes share the devices ----------------------------------------------------
@@ -164,11 +179,7 @@ def test_an_abort_ends_the_stream_on_the_route_and_on_the_shared_topic(
         return reply
 
     async def scenario() -> None:
-        [device] = await connect_devices(fleet, 1)
-        monitor = await RouteMonitor(platform_target(platform.config)).start()
-        try:
-            for broker in (a, b):
-                await until_served(device, broker.route)
+        async with watched_device(platform, fleet, a, b) as (device, monitor):
             # On the stream's route: straight to its process, whichever holds it.
             on_route: list[Any] = []
             while {owner(r) for r in on_route} != {a.process_id, b.process_id}:
@@ -191,9 +202,6 @@ def test_an_abort_ends_the_stream_on_the_route_and_on_the_shared_topic(
                 assert events[reply.request_id]["finish"] == "abort"
                 assert events[reply.request_id]["broker"] == owner(reply)
             assert not in_flight(redis_client, prefix, tenant_id)
-        finally:
-            await monitor.stop()
-            await close_devices([device])
 
     run(scenario())
 
@@ -210,11 +218,7 @@ def test_voice_turns_with_and_without_the_route(platform: Any, brokers: Any, run
     packets = encode_pcm_to_frames(synth_tone(1200, 16000), UPLINK)  # 20 frames of 60 ms
 
     async def scenario() -> None:
-        [device] = await connect_devices(fleet, 1)
-        monitor = await RouteMonitor(platform_target(platform.config)).start()
-        try:
-            for broker in (a, b):
-                await until_served(device, broker.route)
+        async with watched_device(platform, fleet, a, b) as (device, monitor):
             # Frames and listen stop on the route: the owner hears the whole turn.
             routed: list[Any] = []
             while {owner(r) for r in routed} != {a.process_id, b.process_id}:
@@ -253,9 +257,6 @@ def test_voice_turns_with_and_without_the_route(platform: Any, brokers: Any, run
                 assert event["kind"] == "voice" and event["broker"] == owner(reply)
                 assert event["units"]["audio_in_ms"] == terminals(reply)[0]["usage"][
                     "audio_in_ms"]
-        finally:
-            await monitor.stop()
-            await close_devices([device])
 
     run(scenario())
 
@@ -272,11 +273,7 @@ def test_frames_forwarded_after_their_turn_ended_are_dropped_silently(
     by_id = {a.process_id: a, b.process_id: b}
 
     async def scenario() -> None:
-        [device] = await connect_devices(fleet, 1)
-        monitor = await RouteMonitor(platform_target(platform.config)).start()
-        try:
-            for broker in (a, b):
-                await until_served(device, broker.route)
+        async with watched_device(platform, fleet, a, b) as (device, monitor):
             request_id = new_request_id()
             reply = device.replies.setdefault(request_id, Reply(request_id))
             device.send({"type": "listen", "state": "start", "id": request_id,
@@ -310,9 +307,6 @@ def test_frames_forwarded_after_their_turn_ended_are_dropped_silently(
                 unsolicited.append(device.unsolicited.get_nowait())
             assert [m for m in unsolicited if m.get("type") == "error"] == [], (
                 f"late frames forwarded by {other.process_id} were reported to the device")
-        finally:
-            await monitor.stop()
-            await close_devices([device])
 
     run(scenario())
 
@@ -406,7 +400,7 @@ def in_process_broker(app: Any, redis: Any) -> InferenceBroker:
 def test_a_redis_restart_mid_stream_loses_no_usage(platform: Any, brokers: Any, run: Any,
                                                    tmp_path: Path, log_dir: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    server = RedisServer(tmp_path, log_dir)
+    server = RedisServer(tmp_path, log_dir, "redis-broker")
     server.process.start()
     try:
         # The platform's Redis is this one: the device profiles are projected here.
@@ -458,10 +452,7 @@ def test_a_redis_restart_mid_stream_loses_no_usage(platform: Any, brokers: Any, 
 
 def test_a_mosquitto_restart(platform: Any, brokers: Any, run: Any, redis_client: Any,
                              log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="ensoul-broker-mosquitto-"))
-    instance = MosquittoInstance(workdir, log_dir)
-    instance.process.start()
-    try:
+    with running_mosquitto(log_dir, "broker-mosquitto") as instance:
         for key, value in instance.platform_config().items():
             monkeypatch.setitem(platform.config, key, value)
         fleet = make_fleet(2)  # their passwords go to this instance's files
@@ -522,9 +513,6 @@ def test_a_mosquitto_restart(platform: Any, brokers: Any, run: Any, redis_client
                 await close_devices([streaming, probe])
 
         run(scenario())
-    finally:
-        instance.process.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --- 5. Nagle is off on the broker's MQTT connection -------------------------------------------

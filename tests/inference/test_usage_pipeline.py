@@ -37,7 +37,8 @@ from inference.usage import (
 )
 from tests.factories import TenantFactory
 from tests.support.processes import PROJECT_ROOT, ManagedProcess
-from tests.support.waiting import free_port, wait_until
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until
 
 NOW_MS = 1_796_000_000_000
 
@@ -279,48 +280,10 @@ def test_a_writer_killed_between_commit_and_ack_counts_nothing_twice(
     assert survivor.stop() == 0, survivor.output()[-3000:]
 
 
-class RedisServer:
-    """A redis-server with the project's config (AOF, fsync every second) in its own dir."""
-
-    def __init__(self, workdir: Path, log_dir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.client = redis_lib.Redis.from_url(self.url, socket_timeout=5)
-        self.process = ManagedProcess(
-            f"redis-usage-{self.port}",
-            ["redis-server", str(PROJECT_ROOT / "config/redis.conf"), "--port", str(self.port),
-             "--dir", str(workdir)],
-            log_dir=log_dir, ready=self.loaded)
-
-    def loaded(self) -> bool:
-        try:
-            return int(self.client.info("persistence")["loading"]) == 0
-        except redis_lib.RedisError:
-            return False
-
-    def aof_holds_every_write(self) -> bool:
-        """Every write Redis answered is in the AOF file on disk.
-
-        Redis 7.0 (``redis-server --version`` here) has no WAITAOF (7.2) and does not report
-        how far it has fsynced, so this waits for what a kill -9 of the *process* needs: Redis's
-        own AOF buffer empty (``aof_buffer_length``; with everysec a write is acknowledged
-        before its write(2) while a background fsync is slow) and no fsync queued, with the
-        file's size on disk matching ``aof_current_size``. Data written to the kernel survives
-        the process; only an OS crash could lose the last second, which fsync everysec bounds.
-        """
-        info = self.client.info("persistence")
-        if info["aof_last_write_status"] != "ok" or info["aof_buffer_length"] \
-                or info["aof_pending_bio_fsync"]:
-            return False
-        on_disk = sum(p.stat().st_size for p in (self.workdir / "appendonlydir").glob("*.incr.*"))
-        return on_disk >= int(info["aof_current_size"]) - int(info["aof_base_size"])
-
-
 def test_redis_killed_and_restarted_loses_no_acknowledged_usage(
         committed_app: Any, database_url: str, redis_prefix: str, tmp_path: Path,
         log_dir: Path, processes: list[ManagedProcess]) -> None:
-    server = RedisServer(tmp_path, log_dir)
+    server = RedisServer(tmp_path, log_dir, "redis-usage")
     processes.append(server.process)
     server.process.start()
     assert server.client.config_get("appendfsync") == {"appendfsync": "everysec"}
