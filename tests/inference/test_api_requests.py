@@ -20,13 +20,17 @@ from fleet import services as fleet
 from fleet.models import Device, DeviceEvent
 from inference import services
 from inference.directory import DeviceProfile, profile_key
-from inference.sessions import Memory, memory_key, recent_key
+from inference.sessions import Memory, memory_key
 from inference.units import Units
-from inference.usage import UsageEvent, UsageWriter, append_event
 from tests.fleet.fixtures import Vendor, make_vendor
+from tests.inference.device_activity import (
+    NOW_MS,
+    remember_transcripts,
+    usage_event,
+    write_through_pipeline,
+)
 
 API = "/api/v1"
-NOW_MS = 1_796_000_000_000
 
 
 def make_device(vendor: Vendor) -> Device:
@@ -35,44 +39,14 @@ def make_device(vendor: Vendor) -> Device:
     return device
 
 
-def event(device: Device, n: int, **changes: Any) -> UsageEvent:
-    values: dict[str, Any] = {
-        "tenant_id": str(device.tenant_id), "device_id": str(device.id),
-        "product_id": str(device.product_id), "request_id": f"req-{n}",
-        "admitted_at_ms": NOW_MS + n * 1000, "settled_at_ms": NOW_MS + n * 1000 + 900,
-        "stream_id": f"broker-1-{n}", "kind": "text", "provider": "local", "model": "echo",
-        "units": Units(input_tokens=10 + n, output_tokens=20), "credits": 3 + n,
-        "ttft_ms": 120.5, "first_delta_ms": 130.0, "duration_ms": 900.5, "finish": "stop",
-        "broker": "broker-1"}
-    values.update(changes)
-    return UsageEvent(**values)
-
-
-def write(app: Any, redis_client: redis_lib.Redis, *events: UsageEvent) -> None:
-    """Through the real pipeline: the tenant's usage stream, then the usage writer."""
-    for item in events:
-        append_event(redis_client, item)
-    writer = UsageWriter(app, "writer-test", block_ms=10)
-    while writer.drain_once():
-        pass
-
-
-def transcripts(app: Any, redis_client: redis_lib.Redis, device: Device,
-                *records: dict[str, Any]) -> str:
-    key = recent_key(app.config["ENSOUL_REDIS_PREFIX"], str(device.tenant_id), str(device.id))
-    for record in records:
-        redis_client.lpush(key, json.dumps(record))
-    return key
-
-
 def test_recent_requests_service_pages_newest_admission_first(
         app: Any, redis_client: redis_lib.Redis) -> None:
     vendor = make_vendor()
     device, other = make_device(vendor), make_device(vendor)
     # Written out of admission order: the sweeper settles a crashed broker's request late.
-    write(app, redis_client, event(device, 2), event(device, 0), event(other, 5),
-          event(device, 1))
-    write(app, redis_client, event(device, 3))
+    write_through_pipeline(app, redis_client, usage_event(device, 2), usage_event(device, 0),
+                           usage_event(other, 5), usage_event(device, 1))
+    write_through_pipeline(app, redis_client, usage_event(device, 3))
     tenant_id = vendor.setup.tenant.id
     first = services.recent_requests(tenant_id, device.id, None, 2)
     assert [r.request_id for r in first["items"]] == ["req-3", "req-2"]
@@ -86,8 +60,8 @@ def test_recent_transcripts_service_skips_what_is_not_a_record(
         app: Any, redis_client: redis_lib.Redis) -> None:
     vendor = make_vendor()
     device = make_device(vendor)
-    key = transcripts(app, redis_client, device,
-                      {"id": "r1", "kind": "text", "asked": "hi", "answer": "hello", "at": 1})
+    key = remember_transcripts(app, redis_client, device, {
+        "id": "r1", "kind": "text", "asked": "hi", "answer": "hello", "at": 1})
     redis_client.lpush(key, "not json", "[1]")
     assert services.recent_transcripts(device.tenant_id, device.id) == [
         {"id": "r1", "kind": "text", "asked": "hi", "answer": "hello", "at": 1}]
@@ -105,11 +79,12 @@ def vendor(app: Any) -> Vendor:
 def test_a_devices_requests_newest_first_with_timing_units_and_outcome(
         client: Any, vendor: Vendor, redis_client: redis_lib.Redis) -> None:
     device, other = make_device(vendor), make_device(vendor)
-    write(client.application, redis_client,
-          *(event(device, n) for n in range(5)), event(other, 9),
-          event(device, 5, kind="voice", finish="error", error_code="provider_timeout",
-                provider="openai", model="gpt-4o-mini", ttft_ms=None, first_delta_ms=None,
-                units=Units(audio_in_ms=1800), credits=0, conversation_id="c-1"))
+    write_through_pipeline(
+        client.application, redis_client,
+        *(usage_event(device, n) for n in range(5)), usage_event(other, 9),
+        usage_event(device, 5, kind="voice", finish="error", error_code="provider_timeout",
+                    provider="openai", model="gpt-4o-mini", ttft_ms=None, first_delta_ms=None,
+                    units=Units(audio_in_ms=1800), credits=0, conversation_id="c-1"))
     url = f"{API}/devices/{device.id}/requests"
     first = client.get(f"{url}?limit=2", headers=vendor.headers)
     assert first.status_code == 200, first.json
@@ -139,7 +114,8 @@ def test_a_devices_requests_newest_first_with_timing_units_and_outcome(
 def test_a_cursor_from_another_device_is_refused(client: Any, vendor: Vendor,
                                                  redis_client: redis_lib.Redis) -> None:
     device, other = make_device(vendor), make_device(vendor)
-    write(client.application, redis_client, event(device, 0), event(other, 0), event(other, 1))
+    write_through_pipeline(client.application, redis_client, usage_event(device, 0),
+                           usage_event(other, 0), usage_event(other, 1))
     theirs = client.get(f"{API}/devices/{other.id}/requests?limit=1",
                         headers=vendor.headers).json["next_cursor"]
     answer = client.get(f"{API}/devices/{device.id}/requests?cursor={theirs}",
@@ -154,8 +130,8 @@ def test_another_tenants_device_is_not_found(client: Any, vendor: Vendor,
                                              redis_client: redis_lib.Redis) -> None:
     other = make_vendor()
     theirs = make_device(other)
-    write(client.application, redis_client, event(theirs, 0))
-    key = transcripts(client.application, redis_client, theirs, {
+    write_through_pipeline(client.application, redis_client, usage_event(theirs, 0))
+    key = remember_transcripts(client.application, redis_client, theirs, {
         "id": "r1", "kind": "text", "asked": "secret", "answer": "kept", "at": 1})
     for method, suffix in (("get", "requests"), ("get", "transcripts"),
                            ("delete", "inference-data")):
@@ -173,11 +149,11 @@ def test_a_devices_recent_transcripts(client: Any, vendor: Vendor,
     device = make_device(vendor)
     url = f"{API}/devices/{device.id}/transcripts"
     assert client.get(url, headers=vendor.headers).json == {"items": []}
-    transcripts(client.application, redis_client, device,
-                {"id": "r1", "kind": "voice", "asked": "Tell me a story", "answer": "Once...",
-                 "at": NOW_MS},
-                {"id": "r2", "kind": "text", "asked": "And then?", "answer": "The end.",
-                 "at": NOW_MS + 5000, "extra": "ignored"})
+    remember_transcripts(client.application, redis_client, device,
+                         {"id": "r1", "kind": "voice", "asked": "Tell me a story",
+                          "answer": "Once...", "at": NOW_MS},
+                         {"id": "r2", "kind": "text", "asked": "And then?", "answer": "The end.",
+                          "at": NOW_MS + 5000, "extra": "ignored"})
     assert client.get(url, headers=vendor.headers).json == {"items": [
         {"id": "r2", "kind": "text", "asked": "And then?", "answer": "The end.",
          "at": NOW_MS + 5000},
@@ -191,12 +167,12 @@ def test_deleting_a_devices_inference_data_empties_its_redis_keys(
     prefix = client.application.config["ENSOUL_REDIS_PREFIX"]
     keys = {}
     for each in (device, other):
-        recent = transcripts(client.application, redis_client, each, {
+        recent = remember_transcripts(client.application, redis_client, each, {
             "id": "r1", "kind": "text", "asked": "hi", "answer": "hello", "at": NOW_MS})
         memory = memory_key(prefix, str(each.tenant_id), str(each.id))
         redis_client.hset(memory, "c-1", json.dumps([{"role": "user", "content": "hi"}]))
         keys[each.id] = (recent, memory)
-    write(client.application, redis_client, event(device, 0))
+    write_through_pipeline(client.application, redis_client, usage_event(device, 0))
 
     answer = client.delete(f"{API}/devices/{device.id}/inference-data", headers=vendor.headers)
     assert answer.status_code == 204

@@ -23,7 +23,7 @@ from inference import protocol
 from inference.service import BrokerThread
 from inference.sessions import memory_key, recent_key
 from inference.units import Units
-from inference.usage import UsageEvent, UsageWriter, append_event
+from inference.usage import UsageEvent
 from portal.inference_views import ANSWER_ERRORS
 from tests.conftest import CommittingClient
 from tests.factories import PASSWORD
@@ -35,11 +35,15 @@ from tests.inference.conftest import (  # noqa: F401 - fixtures
     platform,
     start_broker,
 )
+from tests.inference.device_activity import (
+    NOW_MS,
+    remember_transcripts,
+    usage_event,
+    write_through_pipeline,
+)
 from tests.portal.fleet_helpers import log_in_as, make_device
 from tests.portal.helpers import csrf, login, post, text
 from tests.support.waiting import free_port
-
-NOW_MS = 1_796_000_000_000  # 2026-11-30 09:33:20 UTC
 
 
 def url(device: Device, action: str = "") -> str:
@@ -47,33 +51,10 @@ def url(device: Device, action: str = "") -> str:
 
 
 def usage(device: Device, n: int, **changes: Any) -> UsageEvent:
-    values: dict[str, Any] = {
-        "tenant_id": str(device.tenant_id), "device_id": str(device.id),
-        "product_id": str(device.product_id), "request_id": f"req-{n:04d}-{uuid.uuid4().hex}",
-        "admitted_at_ms": NOW_MS + n * 1000, "settled_at_ms": NOW_MS + n * 1000 + 900,
-        "stream_id": f"broker-1-{n}", "kind": "text", "provider": "local", "model": "echo",
-        "units": Units(input_tokens=10 + n, output_tokens=20), "credits": 3,
-        "ttft_ms": 120.2, "first_delta_ms": 130.4, "duration_ms": 900.2, "finish": "stop",
-        "broker": "broker-1"}
-    values.update(changes)
-    return UsageEvent(**values)
-
-
-def write(app: Any, redis_client: redis_lib.Redis, *events: UsageEvent) -> None:
-    """Through the real pipeline: the tenant's usage stream, then the usage writer."""
-    for item in events:
-        append_event(redis_client, item)
-    writer = UsageWriter(app, "writer-test", block_ms=10)
-    while writer.drain_once():
-        pass
-
-
-def remember(app: Any, redis_client: redis_lib.Redis, device: Device,
-             *records: dict[str, Any]) -> None:
-    """Recent transcripts as the broker's memory writes them (oldest first here)."""
-    key = recent_key(app.config["ENSOUL_REDIS_PREFIX"], str(device.tenant_id), str(device.id))
-    for record in records:
-        redis_client.lpush(key, json.dumps(record))
+    """Request ids unique across tests; timings with fractions the page rounds."""
+    return usage_event(device, n, **{
+        "request_id": f"req-{n:04d}-{uuid.uuid4().hex}", "credits": 3, "ttft_ms": 120.2,
+        "first_delta_ms": 130.4, "duration_ms": 900.2, **changes})
 
 
 def shown_requests(page: str) -> list[str]:
@@ -103,7 +84,7 @@ def test_the_page_shows_recent_requests_in_the_tenants_time_zone(
     events[11] = usage(active, 11, kind="voice", finish="error", error_code="provider_error",
                        units=Units(input_tokens=7, output_tokens=3, audio_in_ms=2400,
                                    audio_out_ms=1200), credits=1234)
-    write(app, redis_client, *events, usage(make_device(vendor.product), 99))
+    write_through_pipeline(app, redis_client, *events, usage(make_device(vendor.product), 99))
     log_in_as(client, vendor)
 
     page = text(client.get(url(active)))
@@ -128,7 +109,7 @@ def test_the_page_shows_recent_requests_in_the_tenants_time_zone(
 def test_the_requests_page_has_pages(client: Any, app: Any, redis_client: redis_lib.Redis,
                                      vendor: Vendor, active: Device) -> None:
     events = [usage(active, n) for n in range(53)]
-    write(app, redis_client, *events)
+    write_through_pipeline(app, redis_client, *events)
     log_in_as(client, vendor)
     first = text(client.get(url(active, "requests")))
     assert len(shown_requests(first)) == 50
@@ -149,11 +130,11 @@ def test_without_requests_the_page_says_so(client: Any, vendor: Vendor, active: 
 def test_the_page_shows_recent_transcripts_escaped(client: Any, app: Any,
                                                   redis_client: redis_lib.Redis, vendor: Vendor,
                                                   active: Device) -> None:
-    remember(app, redis_client, active,
-             {"id": "a" * 32, "kind": "text", "asked": "Hello, bear!", "answer": "Hi there.",
-              "at": NOW_MS},
-             {"id": "b" * 32, "kind": "voice", "asked": "<script>alert(1)</script>",
-              "answer": "Not today.", "at": NOW_MS + 5000})
+    remember_transcripts(app, redis_client, active,
+                         {"id": "a" * 32, "kind": "text", "asked": "Hello, bear!",
+                          "answer": "Hi there.", "at": NOW_MS},
+                         {"id": "b" * 32, "kind": "voice", "asked": "<script>alert(1)</script>",
+                          "answer": "Not today.", "at": NOW_MS + 5000})
     log_in_as(client, vendor)
     page = text(client.get(url(active)))
     asked = re.findall(r'data-testid="transcript-asked">([^<]*)<', page)
@@ -177,9 +158,9 @@ def test_try_it_is_offered_to_writers_on_active_devices(client: Any, vendor: Ven
 def test_a_viewer_sees_the_requests_but_cannot_try_or_delete(
         client: Any, app: Any, redis_client: redis_lib.Redis, vendor: Vendor,
         active: Device) -> None:
-    write(app, redis_client, usage(active, 1))
-    remember(app, redis_client, active, {"id": "a" * 32, "kind": "text", "asked": "Hello?",
-                                         "answer": "Hi.", "at": NOW_MS})
+    write_through_pipeline(app, redis_client, usage(active, 1))
+    remember_transcripts(app, redis_client, active, {
+        "id": "a" * 32, "kind": "text", "asked": "Hello?", "answer": "Hi.", "at": NOW_MS})
     log_in_as(client, vendor, Role.VIEWER)
     page = text(client.get(url(active)))
     assert len(shown_requests(page)) == 1 and "Hello?" in page
@@ -309,11 +290,11 @@ def test_delete_conversation_data(client: Any, app: Any, redis_client: redis_lib
     other = make_device(vendor.product, status=DeviceStatus.ACTIVE)
     prefix = app.config["ENSOUL_REDIS_PREFIX"]
     for device in (active, other):
-        remember(app, redis_client, device, {"id": "a" * 32, "kind": "text",
-                                             "asked": "Remember my name: Ada.",
-                                             "answer": "Hello, Ada.", "at": NOW_MS})
+        remember_transcripts(app, redis_client, device, {
+            "id": "a" * 32, "kind": "text", "asked": "Remember my name: Ada.",
+            "answer": "Hello, Ada.", "at": NOW_MS})
         redis_client.hset(memory_key(prefix, str(device.tenant_id), str(device.id)), "c1", "[]")
-    write(app, redis_client, usage(active, 1))
+    write_through_pipeline(app, redis_client, usage(active, 1))
     log_in_as(client, vendor, Role.DEVELOPER)
     assert "Remember my name" in text(client.get(url(active)))
 
