@@ -372,10 +372,10 @@ def test_closing_the_stream_closes_the_upstream_connection(
     assert run(abort()) == [TextDelta("Hello"), TextDelta(" there")]
 
 
-def test_failover_answers_from_the_secondary_when_the_primary_fails_first(
-        server: FakeOpenAI) -> None:
-    server.next_scenario("500")
-
+def answer_with_failover(server: FakeOpenAI
+                         ) -> tuple[list[ProviderEvent], ProviderError | None]:
+    """Ask a new failover provider whose primary and secondary are both ``server``, told
+    apart by their model."""
     async def ask() -> tuple[list[ProviderEvent], ProviderError | None]:
         provider = FailoverProvider(OpenAIProvider(settings(server, model="primary")),
                                     OpenAIProvider(settings(server, model="secondary")))
@@ -384,7 +384,14 @@ def test_failover_answers_from_the_secondary_when_the_primary_fails_first(
         finally:
             await provider.close()
 
-    events, error = run(ask())
+    return run(ask())
+
+
+def test_failover_answers_from_the_secondary_when_the_primary_fails_first(
+        server: FakeOpenAI) -> None:
+    server.next_scenario("500")
+
+    events, error = answer_with_failover(server)
 
     assert error is None and text_of(events) == DEFAULT_ANSWER
     assert [r.json["model"] for r in server.requests_to("/chat/completions")] == [
@@ -394,15 +401,7 @@ def test_failover_answers_from_the_secondary_when_the_primary_fails_first(
 def test_failover_passes_an_error_after_the_first_event_through(server: FakeOpenAI) -> None:
     server.next_scenario("cut")
 
-    async def ask() -> tuple[list[ProviderEvent], ProviderError | None]:
-        provider = FailoverProvider(OpenAIProvider(settings(server, model="primary")),
-                                    OpenAIProvider(settings(server, model="secondary")))
-        try:
-            return await collect(provider.stream(turn()))
-        finally:
-            await provider.close()
-
-    events, error = run(ask())
+    events, error = answer_with_failover(server)
 
     assert text_of(events) == "Hello there."
     assert error is not None and error.code == "provider_error" and not error.before_first_token
