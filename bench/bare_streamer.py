@@ -9,8 +9,9 @@ broker's processes do) and answers every ``request`` with ``start`` (QoS 1), ``-
 deltas (QoS 0) at ``--rate`` per second, the first one at once (``--rate 0``: all at once),
 then ``end`` (QoS 1), in the platform's message shapes. Nothing else: no profile lookup,
 admission, limits, metering, coalescing, Redis or settlement. What remains is paho on an
-asyncio loop (the socket watched with ``add_reader``/``add_writer``, ``TCP_NODELAY`` on) and
-Mosquitto, which is what the inference broker is compared against.
+asyncio loop with the broker's own socket driver (:class:`core.mqtt_loop.LoopSocket`,
+``TCP_NODELAY`` on), the same JSON encoder (orjson) and Mosquitto, which is what the inference
+broker is compared against.
 
 It prints ``bare streamer ready`` on stdout once its subscription is acknowledged and stops
 cleanly on SIGTERM or SIGINT.
@@ -23,13 +24,15 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+
+from core.mqtt_loop import LoopSocket
 
 SHARE_GROUP = "ensoul-bare"
 REQUEST_TOPIC = "t/+/d/+/up"
@@ -38,7 +41,7 @@ WORDS = ("the quick brown fox jumps over the lazy dog while a small robot hums a
 
 
 def dumps(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(message)  # as the broker's protocol.dumps
 
 
 class BareStreamer:
@@ -61,32 +64,13 @@ class BareStreamer:
         if parts.username:
             client.username_pw_set(unquote(parts.username),
                                    unquote(parts.password) if parts.password else None)
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
+        self.socket = LoopSocket(client, self.loop)
         client.on_connect = self._on_connect
         client.on_subscribe = lambda *a: self.subscribed.set()
         client.on_message = self._on_message
         client.max_inflight_messages_set(1000)  # as the broker's link: never throttle QoS 1
         client.max_queued_messages_set(0)
         self.client = client
-
-    # --- paho on the event loop --------------------------------------------------------
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.loop.add_reader(sock, client.loop_read)
-
-    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self.loop.remove_reader(sock)
-        self.loop.remove_writer(sock)
-
-    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self.loop.add_writer(sock, client.loop_write)
-
-    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self.loop.remove_writer(sock)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:

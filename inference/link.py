@@ -1,18 +1,15 @@
 """The broker's MQTT connection: one paho client driven by the asyncio loop (no thread).
 
-Shaped after Home Assistant's MQTT client: the loop watches paho's socket (``add_reader`` /
-``add_writer``) and a timer drives keepalive, so a publish from a coroutine is written on the
-next loop turn together with whatever else is queued. TCP_NODELAY is set on the socket (paho
-never does; without it a second small message waits ~40 ms for an ACK). Subscriptions are
-replayed on every connect; a refused login stops the link; any other loss reconnects with
-backoff.
+The socket is driven by :class:`core.mqtt_loop.LoopSocket` (a publish from a coroutine is
+written later in the same loop turn, ``TCP_NODELAY`` on) and a timer drives keepalive.
+Subscriptions are replayed on every connect; a refused login stops the link; any other loss
+reconnects with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +17,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
 from core.mqtt import MqttTarget, new_client
+from core.mqtt_loop import LoopSocket
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +43,7 @@ class MqttLink:
         self._misc: asyncio.TimerHandle | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         client = new_client(client_id, target)
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
+        self.socket = LoopSocket(client, self._loop, on_open=lambda _sock: self._schedule_misc())
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -59,23 +54,7 @@ class MqttLink:
         client.max_inflight_messages_set(1000)
         self.client = client
 
-    # --- socket plumbing --------------------------------------------------------------
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if isinstance(sock, socket.socket):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._loop.add_reader(sock, client.loop_read)
-        self._schedule_misc()
-
-    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._loop.remove_reader(sock)
-        self._loop.remove_writer(sock)
-
-    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._loop.add_writer(sock, client.loop_write)
-
-    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._loop.remove_writer(sock)
+    # --- keepalive ------------------------------------------------------------------
 
     def _schedule_misc(self) -> None:
         if self._misc is not None:

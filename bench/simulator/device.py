@@ -1,10 +1,9 @@
 """One simulated device: a paho client driven by an asyncio loop, with no thread of its own.
 
 paho's threaded loop costs a thread per client, which caps a Python load generator near 50
-clients (shared/MEASURED.md). Here the worker's event loop watches each socket (``add_reader``
-and ``add_writer``) and one timer drives every client's keepalive, so a worker process holds
-thousands of devices. Every socket gets TCP_NODELAY: paho never sets it, and without it a
-second small message waits ~40 ms for an ACK.
+clients (shared/MEASURED.md). Here the worker's event loop drives each socket (the broker's own
+driver, :class:`core.mqtt_loop.LoopSocket`, with TCP_NODELAY) and one timer drives every
+client's keepalive, so a worker process holds thousands of devices.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bench.simulator.identity import DeviceIdentity
+from core.mqtt_loop import LoopSocket
 
 log = logging.getLogger(__name__)
 
@@ -54,36 +53,14 @@ class AsyncDevice:
         self.received = 0
         self.published = 0
         self._connack: asyncio.Future[str | None] | None = None
-        self._sock: socket.socket | None = None
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=identity.client_id)
         client.username_pw_set(identity.username, identity.password)
         client.will_set(identity.topic("status"), OFFLINE, qos=1, retain=True)
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
+        self.socket = LoopSocket(client, loop)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self.client = client
-
-    # --- socket plumbing: the event loop calls paho when its socket is ready -------------
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        self.loop.add_reader(sock, client.loop_read)
-
-    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self.loop.remove_reader(sock)
-        self.loop.remove_writer(sock)
-        self._sock = None
-
-    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self.loop.add_writer(sock, client.loop_write)
-
-    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self.loop.remove_writer(sock)
 
     # --- MQTT events -------------------------------------------------------------------
 
@@ -139,7 +116,7 @@ class AsyncDevice:
             self.failure = None
             return True
         self.failure = failure
-        if self._sock is not None:
+        if self.socket.sock is not None:
             self.client.disconnect()
         return False
 
@@ -158,7 +135,7 @@ class AsyncDevice:
 
     def tick(self) -> None:
         """Keepalive pings and QoS retries; the worker calls this about once a second."""
-        if self._sock is not None:
+        if self.socket.sock is not None:
             self.client.loop_misc()
 
     def disconnect(self, *, announce_offline: bool = True) -> None:
