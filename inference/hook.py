@@ -15,14 +15,15 @@ with zero credits. Billing replaces it with credits.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
@@ -130,16 +131,20 @@ INFLIGHT_TENANTS = "inference:inflight-tenants"
 
 
 def local_day(timezone: str, now: float) -> str:
+    return dt.datetime.fromtimestamp(now, _zone(timezone)).strftime("%Y%m%d")
+
+
+@functools.lru_cache(maxsize=1024)
+def _zone(name: str) -> ZoneInfo:
     try:
-        zone = ZoneInfo(timezone)
+        return ZoneInfo(name)
     except (KeyError, ValueError):
-        zone = ZoneInfo("UTC")
-    return dt.datetime.fromtimestamp(now, zone).strftime("%Y%m%d")
+        return ZoneInfo("UTC")
 
 
 def in_flight_record(admission: Admission, used: Units, *, now_ms: int) -> str:
     """What the sweeper needs to settle a stream whose broker died."""
-    return json.dumps({
+    return orjson.dumps({
         "tenant_id": admission.device.tenant_id, "device_id": admission.device.device_id,
         "product_id": admission.device.product_id, "request_id": admission.request_id,
         "stream_id": admission.stream_id, "kind": admission.kind,
@@ -147,7 +152,7 @@ def in_flight_record(admission: Admission, used: Units, *, now_ms: int) -> str:
         "provider": admission.state.get("provider", ""), "model": admission.state.get("model", ""),
         "conversation_id": admission.state.get("conversation_id"),
         "units": used.as_dict(), "checkpoint_ms": now_ms,
-    }, separators=(",", ":"))
+    }).decode()
 
 
 class LimitsHook:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
 from inference.providers.local import estimate_tokens
@@ -68,12 +69,12 @@ class Memory:
             turns = trim([*history, {"role": "user", "content": asked},
                           {"role": "assistant", "content": answered}],
                          int(settings.get("max_turns", 20)), int(settings.get("max_tokens", 4000)))
-            pipe.hset(key, conversation, json.dumps(turns, ensure_ascii=False))
+            pipe.hset(key, conversation, orjson.dumps(turns))
             pipe.expire(key, int(settings.get("ttl_seconds", 86400)))
         keep = int(settings.get("transcript_ttl_seconds", settings.get("ttl_seconds", 86400)))
         if keep > 0:  # 0: the tenant keeps no transcripts at all
             recent = recent_key(self.prefix, tenant_id, device_id)
-            pipe.lpush(recent, json.dumps(record, ensure_ascii=False))
+            pipe.lpush(recent, orjson.dumps(record))
             pipe.ltrim(recent, 0, RECENT_MAX - 1)
             pipe.expire(recent, keep)
         await pipe.execute()

@@ -28,7 +28,6 @@ else that wants usage reads the table.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -41,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import redis as redis_lib
 from flask import Flask, current_app, has_app_context
 from sqlalchemy import Table
@@ -104,7 +104,7 @@ class UsageDecodeError(ValueError):
 
 
 def encode(event: UsageEvent) -> str:
-    return json.dumps(dataclasses.asdict(event), separators=(",", ":"))
+    return orjson.dumps(event).decode()  # dataclasses, nested ones too, natively
 
 
 def decode(text: str | bytes) -> UsageEvent:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 
 from inference.providers.base import (
     ImageInput,
@@ -344,7 +345,7 @@ class _ChatStream:
             self.done = True
             return self._complete_calls()
         try:
-            return self._chunk(json.loads(data))
+            return self._chunk(orjson.loads(data))
         except (ValueError, TypeError, AttributeError, KeyError):
             raise ProviderError("provider_error", f"malformed chunk: {data[:200]!r}") from None
 
