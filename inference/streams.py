@@ -49,10 +49,6 @@ FINISHES = ("stop", "length", "abort", "quota_exhausted", "error")
 DEFAULT_UPLINK = AudioFormat("opus", 16000, 1, 60)
 DEFAULT_DOWNLINK = AudioFormat("opus", 24000, 1, 60)
 DEFAULT_FORMATS = (DEFAULT_UPLINK, DEFAULT_DOWNLINK)
-
-
-async def _none() -> None:
-    return None
 TURN_TICK_SECONDS = 0.25
 EARLY_FRAMES_MAX = 200
 
@@ -267,22 +263,25 @@ class StreamRunner:
         conversation = message.conversation
         provider = broker.providers.for_profile(profile.provider)
         admitted = time.perf_counter()
-        # Memory and audio formats are read while the admission script runs.
-        extras = asyncio.gather(
-            broker.memory.load(tenant_id, device_id, conversation) if conversation
-            else _none(),
-            self._formats(tenant_id, device_id) if voice or message.speak else _none(),
-            return_exceptions=True)
+        # Memory and audio formats, when needed, are read while the admission script runs.
+        history_load = broker.memory.load(tenant_id, device_id, conversation) \
+            if conversation else None
+        formats_load = self._formats(tenant_id, device_id) if voice or message.speak else None
+        pending = [c for c in (history_load, formats_load) if c is not None]
+        extras = asyncio.gather(*pending, return_exceptions=True) if pending else None
         try:
             admission = await broker.hook.admit(profile, message.id, kind, estimate,
                                                 stream_id=stream_id,
                                                 owner=broker.process_id)
         except BaseException:
-            extras.cancel()
-            with contextlib.suppress(BaseException):
-                await extras
+            if extras is not None:
+                extras.cancel()
+                with contextlib.suppress(BaseException):
+                    await extras
             raise
-        loaded_history, loaded_formats = await extras
+        results = list(await extras) if extras is not None else []
+        loaded_history = results.pop(0) if history_load is not None else None
+        loaded_formats = results.pop(0) if formats_load is not None else None
         metrics.ADMISSION_SECONDS.observe(time.perf_counter() - admitted)
         history = [] if isinstance(loaded_history, BaseException) else loaded_history or []
         uplink, downlink = (DEFAULT_FORMATS if isinstance(loaded_formats, BaseException)
