@@ -57,8 +57,10 @@ def create_app(config_override: dict[str, Any] | None = None) -> Flask:
 
     auth.init_app(app)
     api.init_app(app)
+    from billing import services as billing_services
     from inference import services as inference_services
 
+    billing_services.init_app(app)
     inference_services.init_app(app)
     _register_blueprints(app)
     _register_cli(app)

@@ -23,7 +23,7 @@ from core.db import db, utcnow
 from core.errors import EnsoulError, Gone, ValidationFailed
 from core.ids import uuid7
 from fleet import access, credentials, services
-from fleet.hooks import run_activation_hooks
+from fleet.hooks import run_activation_hooks_for_new
 from fleet.models import Device, DeviceEvent, DeviceImport, DeviceStatus, DeviceTag, Product
 
 MAX_ROWS = 100_000
@@ -223,10 +223,10 @@ def import_devices(product: Product, data: bytes, *, filename: str = "",
 def _activate_imported(tenant_id: uuid.UUID, device_ids: list[uuid.UUID], actor: str,
                        now: Any) -> None:
     """Activation hooks run for every imported device, in the import's transaction."""
-    devices = db.session.execute(select(Device).where(Device.id.in_(device_ids))).scalars()
+    devices = list(db.session.execute(select(Device).where(Device.id.in_(device_ids))).scalars())
+    run_activation_hooks_for_new(tenant_id, devices)
     events = []
     for device in devices:
-        run_activation_hooks(device, [])
         events.append({"id": uuid7(), "tenant_id": tenant_id, "device_id": device.id,
                        "kind": "activated", "actor": actor, "details": {"via": "import"},
                        "created_at": now})

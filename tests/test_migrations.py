@@ -80,6 +80,29 @@ def test_sqlite_up_down_up_and_check(tmp_path: Path) -> None:
     up_down_up_check(f"sqlite:///{tmp_path / 'fresh.db'}")
 
 
+def test_the_ledger_is_append_only_on_sqlite_too(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    command.upgrade(config_for(url), "head")
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, name, slug, currency, timezone, status, "
+                              "require_two_factor, created_at) VALUES ('t1', 'T', 't', 'EUR', "
+                              "'UTC', 'active', 0, '2026-12-07')"))
+            conn.execute(text("INSERT INTO ledger_entries (id, tenant_id, account, kind, "
+                              "credits, cause_type, cause_id, details, created_at) VALUES "
+                              "('e1', 't1', 'package:p', 'grant', 10, 'purchase', 'p', '{}', "
+                              "'2026-12-07')"))
+        for statement in ("UPDATE ledger_entries SET credits = 99",
+                          "DELETE FROM ledger_entries"):
+            with pytest.raises(Exception, match="append-only"), engine.begin() as conn:
+                conn.execute(text(statement))
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT credits FROM ledger_entries")).scalar_one() == 10
+    finally:
+        engine.dispose()
+
+
 def test_one_head_and_sortable_file_names() -> None:
     from alembic.script import ScriptDirectory
 
