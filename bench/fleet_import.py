@@ -52,7 +52,7 @@ DEVICE_COLUMNS = ("id", "tenant_id", "product_id", "serial", "mac", "name", "gro
 
 def truncate_registry(conn: psycopg.Connection[Any]) -> None:
     conn.execute("TRUNCATE devices, device_tags, device_events, device_imports, "
-                 "activation_challenges")
+                 "activation_challenges, device_licences")
     conn.commit()
 
 

@@ -279,7 +279,7 @@ class StreamRunner:
                 with contextlib.suppress(BaseException):
                     await extras
             raise
-        results = list(await extras) if extras is not None else []
+        results: list[Any] = list(await extras) if extras is not None else []
         loaded_history = results.pop(0) if history_load is not None else None
         loaded_formats = results.pop(0) if formats_load is not None else None
         metrics.ADMISSION_SECONDS.observe(time.perf_counter() - admitted)

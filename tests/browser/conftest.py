@@ -30,8 +30,10 @@ def live_server(committed_app: Any) -> Iterator[str]:
     thread.join(10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Per module, not per session: while Playwright's sync API is open, the thread counts as
+    running an asyncio loop, and a later test of the same xdist worker could not run one."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                              args=CHROMIUM_ARGS)
