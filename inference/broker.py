@@ -34,7 +34,7 @@ from inference.link import MqttLink
 from inference.protocol import ProtocolError
 from inference.providers.registry import ProviderRegistry
 from inference.sessions import Memory
-from inference.streams import Stream, StreamRunner
+from inference.streams import Stream, StreamRunner, hello_formats
 from inference.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,13 @@ class InferenceBroker:
         else:
             assert self.runner is not None
             stream = None
-            if not isinstance(message, protocol.Hello):
+            if isinstance(message, protocol.Hello):
+                try:
+                    hello_formats(message)
+                except ProtocolError as exc:
+                    self.send_error(prefix, exc)
+                    return
+            else:
                 stream = self._register(prefix, device_id, message, received)
                 if stream is None:
                     return

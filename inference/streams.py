@@ -146,6 +146,22 @@ class BudgetCut(Exception):
     """The hook refused more budget: the stream ends with ``quota_exhausted``."""
 
 
+def hello_formats(hello: protocol.Hello) -> tuple[AudioFormat, AudioFormat]:
+    """The uplink and downlink audio formats a hello asks for, or a ``bad_request``. Checked
+    when the hello arrives, before anything is awaited, so its error keeps its place among the
+    device's messages."""
+    uplink, downlink = DEFAULT_UPLINK, DEFAULT_DOWNLINK
+    try:
+        if hello.audio is not None:
+            uplink = AudioFormat.from_dict({**DEFAULT_UPLINK.as_dict(), **hello.audio})
+        wanted = hello.features.get("audio_down")
+        if isinstance(wanted, dict):
+            downlink = AudioFormat.from_dict({**DEFAULT_DOWNLINK.as_dict(), **wanted})
+    except AudioError as exc:
+        raise ProtocolError(exc.code, exc.message) from exc
+    return uplink, downlink
+
+
 class StreamRunner:
     def __init__(self, broker: InferenceBroker) -> None:
         self.broker = broker
@@ -195,16 +211,7 @@ class StreamRunner:
         if refusal is not None:
             raise refusal
         assert profile is not None
-        uplink = DEFAULT_UPLINK
-        downlink = DEFAULT_DOWNLINK
-        try:
-            if hello.audio is not None:
-                uplink = AudioFormat.from_dict({**DEFAULT_UPLINK.as_dict(), **hello.audio})
-            wanted = hello.features.get("audio_down")
-            if isinstance(wanted, dict):
-                downlink = AudioFormat.from_dict({**DEFAULT_DOWNLINK.as_dict(), **wanted})
-        except AudioError as exc:
-            raise ProtocolError(exc.code, exc.message) from exc
+        uplink, downlink = hello_formats(hello)
         session = f"{broker.process_id}-{secrets.token_hex(6)}"
         await broker.redis.set(self._session_key(tenant_id, device_id),
                                protocol.dumps({"audio": uplink.as_dict(),
