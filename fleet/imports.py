@@ -28,6 +28,7 @@ from fleet.models import Device, DeviceEvent, DeviceImport, DeviceStatus, Device
 
 MAX_ROWS = 100_000
 MAX_BYTES = 32 * 1024 * 1024
+ACTIVATION_CHUNK = 5000
 COLUMNS = ("serial", "mac", "name", "group", "tags", "hardware_key")
 REQUIRED = ("serial",)
 
@@ -223,14 +224,14 @@ def import_devices(product: Product, data: bytes, *, filename: str = "",
 def _activate_imported(tenant_id: uuid.UUID, device_ids: list[uuid.UUID], actor: str,
                        now: Any) -> None:
     """Activation hooks run for every imported device, in the import's transaction."""
-    devices = list(db.session.execute(select(Device).where(Device.id.in_(device_ids))).scalars())
-    run_activation_hooks_for_new(tenant_id, devices)
-    events = []
-    for device in devices:
-        events.append({"id": uuid7(), "tenant_id": tenant_id, "device_id": device.id,
-                       "kind": "activated", "actor": actor, "details": {"via": "import"},
-                       "created_at": now})
-    db.session.execute(insert(DeviceEvent), events)
+    for start in range(0, len(device_ids), ACTIVATION_CHUNK):  # under Postgres' 65,535 params
+        chunk = device_ids[start:start + ACTIVATION_CHUNK]
+        devices = list(db.session.execute(select(Device).where(Device.id.in_(chunk))).scalars())
+        run_activation_hooks_for_new(tenant_id, devices)
+        db.session.execute(insert(DeviceEvent), [
+            {"id": uuid7(), "tenant_id": tenant_id, "device_id": device.id, "kind": "activated",
+             "actor": actor, "details": {"via": "import"}, "created_at": now}
+            for device in devices])
 
 
 def _credentials_csv(tenant_id: uuid.UUID, rows: list[tuple[uuid.UUID, str, str]]) -> str:
