@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any
 
-from amqtt.broker import Broker
+from amqtt.broker import Action, Broker
 
 from core.mqtt import MqttTarget
 
@@ -27,6 +27,36 @@ class _SnapshotSubscriptions(dict[str, list[Any]]):
 
     def items(self) -> list[tuple[str, list[Any]]]:  # type: ignore[override]
         return [(key, list(value)) for key, value in super().items()]
+
+
+class _Broker(Broker):
+    """amqtt 0.12 with retained messages sent only where they belong.
+
+    On every CONNECT amqtt replays the retained messages matching *every* subscription in the
+    broker (meant for a resumed session's own ones) to the new client: any device received
+    every other device's retained ``status`` and ``state``, other tenants' too, because the
+    platform's presence tracker subscribes ``t/+/d/+/status``. Here a retained message goes
+    to a session only for a subscription it holds itself, and only if the topic plugin lets it
+    receive that topic."""
+
+    async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Any) -> None:
+        topic_filter = subscription[0]
+        held = [qos for holder, qos in self._subscriptions.get(topic_filter, [])
+                if holder is session]
+        handler = self._get_handler(session)
+        if not held or handler is None:
+            return
+        sends = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter) or not await self._topic_filtering(
+                    session, topic=topic, action=Action.RECEIVE):
+                continue
+            sends.append(asyncio.ensure_future(handler.mqtt_publish(
+                retained.topic, retained.data, min(held[0], retained.qos or held[0]),
+                retain=True)))
+        if sends:
+            await asyncio.wait(sends)
 
 
 class EmbeddedBroker:
@@ -51,7 +81,7 @@ class EmbeddedBroker:
             },
             "plugins": self.plugins,
         }
-        self._broker = Broker(config, loop=self._loop)
+        self._broker = _Broker(config, loop=self._loop)
         self._broker._subscriptions = _SnapshotSubscriptions()
         await self._broker.start()
 

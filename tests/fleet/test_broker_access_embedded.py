@@ -84,3 +84,27 @@ def test_revocation_takes_effect_at_the_next_sync(committed_app: Any, embedded_b
     assert connected.received() == []
     again = mqtt_clients(embedded_broker, a.username, a.password, **V311)
     assert again.connect().is_failure
+
+
+def test_a_device_receives_no_other_devices_retained_messages(
+        committed_app: Any, embedded_broker: Any, mqtt_clients: Any) -> None:
+    """amqtt replays retained messages on connect for every subscription in the broker; with
+    the platform subscribed to every device's status, a new device got every device's
+    retained status (other tenants' too). It gets only its own topics' retained messages."""
+    product = make_product()
+    a, b, c = provision(product), provision(product), provision(make_product())
+    observer = service(mqtt_clients, committed_app)
+    observer.subscribe("t/+/d/+/status")  # as the presence tracker does
+    for device in (b, c):
+        other = login(mqtt_clients, embedded_broker, device)
+        assert not other.publish(device.topic("status"), b'{"state": "online"}',
+                                 retain=True).is_failure
+        assert not other.publish(device.topic("state"), b'{"firmware_version": "1"}',
+                                 retain=True).is_failure
+    observer.publish(a.topic("down"), b"retained for A", retain=True)
+
+    a_client = login(mqtt_clients, embedded_broker, a)
+    assert not a_client.subscribe(a.topic("down")).is_failure
+    a_client.wait_for(a.topic("down"), b"retained for A")  # its own retained message arrives
+    assert not a_client.publish(a.topic("up"), b"barrier").is_failure  # a round trip after it
+    assert [m.topic for m in a_client.received()] == [a.topic("down")]
