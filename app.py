@@ -69,6 +69,7 @@ def create_app(config_override: dict[str, Any] | None = None) -> Flask:
 
 def _register_blueprints(app: Flask) -> None:
     from accounts.api import blp as accounts_api
+    from billing.api import blp as billing_api
     from core.api import api
     from core.health import bp as health_bp
     from core.ratelimit import limit_api
@@ -78,7 +79,7 @@ def _register_blueprints(app: Flask) -> None:
     from inference.api import blp as inference_api
     from portal.views import bp as portal_bp
 
-    for blueprint in (accounts_api, fleet_api, inference_api):
+    for blueprint in (accounts_api, fleet_api, inference_api, billing_api):
         limit_api(blueprint)
         csrf.exempt(blueprint)
         api.register_blueprint(blueprint)
@@ -99,6 +100,8 @@ def _register_cli(app: Flask) -> None:
     register_core_cli(app)
     register_accounts_cli(app)
     register_processes(app)
+    from billing.cli import register as register_billing_cli
     from inference.cli import register as register_inference_cli
 
     register_inference_cli(app)
+    register_billing_cli(app)

@@ -15,12 +15,15 @@ from flask import g
 from sqlalchemy import select
 
 from accounts.models import ApiToken, AuditEntry, Invitation, Membership, Tenant
+from billing.models import PackageOffer, Plan
 from core.db import Base, db
 from core.errors import NotFound, Unauthorized
 from core.models import IdempotencyRecord
 from core.tenancy import get_owned, scoped, set_current_tenant, tenant_owned_models
 from tests.core.endpoints import api_routes, creators, endpoints, url_with_rows_of
 from tests.factories import make_token, tenant_with_owner
+
+CATALOGUE = (Plan, PackageOffer)
 
 
 def snapshot(row: Base) -> dict[str, Any] | None:
@@ -75,6 +78,9 @@ def test_lists_never_show_another_tenants_rows(client: Any, mailbox: Any) -> Non
         for row in db.session.execute(select(table).where(table.c.tenant_id == theirs.tenant.id)):
             secrets |= {str(value) for value in row if isinstance(value, uuid.UUID)}
     secrets -= {str(mine.tenant.id)}  # an audit entry may name both tenants
+    # The platform's catalogue is public: their purchase names a plan every tenant may list.
+    for model in CATALOGUE:
+        secrets -= {str(row_id) for row_id in db.session.scalars(select(model.id))}
 
     lists = [r for r in api_routes(client.application) if r.method == "GET" and not r.arguments]
     assert {r.rule for r in lists} >= {"/api/v1/members", "/api/v1/invitations",

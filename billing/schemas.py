@@ -1,0 +1,106 @@
+"""Marshmallow schemas of the billing API: the catalogue, purchases, licence packs and a
+device's licence."""
+
+from __future__ import annotations
+
+import marshmallow as ma
+
+from billing.models import MODALITIES, PurchaseKind, PurchaseStatus
+from billing.purchases import MAX_QUANTITY
+from core.pagination import page_schema
+
+
+class PlanPriceOut(ma.Schema):
+    currency = ma.fields.String(required=True)
+    seat_price_minor = ma.fields.Integer(required=True, metadata={
+        "description": "One seat for the plan's term, in minor units (cents, fen)."})
+    credit_value_minor = ma.fields.Decimal(required=True, as_string=True, places=6, metadata={
+        "description": "What one credit is worth, in minor units (a decimal string)."})
+
+
+class PlanOut(ma.Schema):
+    id = ma.fields.UUID(required=True)
+    code = ma.fields.String(required=True)
+    name = ma.fields.String(required=True)
+    billing = ma.fields.Function(lambda plan: plan.billing.value, required=True)
+    term_months = ma.fields.Integer(required=True)
+    grace_days = ma.fields.Integer(required=True)
+    allowance_credits = ma.fields.Integer(required=True, metadata={
+        "description": "Credits per device per calendar month, prorated in the first month."})
+    requests_per_minute = ma.fields.Integer(required=True)
+    concurrent_streams = ma.fields.Integer(required=True)
+    daily_request_cap = ma.fields.Integer(required=True, allow_none=True)
+    modalities = ma.fields.List(ma.fields.String(validate=ma.validate.OneOf(MODALITIES)),
+                                required=True)
+    prices = ma.fields.List(ma.fields.Nested(PlanPriceOut), required=True)
+
+
+class PackageOfferOut(ma.Schema):
+    id = ma.fields.UUID(required=True)
+    code = ma.fields.String(required=True)
+    name = ma.fields.String(required=True)
+    credits = ma.fields.Integer(required=True)
+    validity_days = ma.fields.Integer(required=True)
+    prices = ma.fields.Method("_prices", required=True, metadata={
+        "description": "Currency -> price in minor units."})
+
+    def _prices(self, offer: object) -> dict[str, int]:
+        return {p.currency: p.price_minor for p in offer.prices}  # type: ignore[attr-defined]
+
+
+def _quantity(what: str) -> ma.fields.Integer:
+    return ma.fields.Integer(strict=True, required=True, validate=ma.validate.Range(
+        min=1, max=MAX_QUANTITY), metadata={"description": what})
+
+
+class PackOrderIn(ma.Schema):
+    plan_id = ma.fields.UUID(required=True)
+    quantity = _quantity("Seats.")
+
+
+class PackageOrderIn(ma.Schema):
+    offer_id = ma.fields.UUID(required=True)
+    quantity = _quantity("Packages, each with the offer's credits and validity.")
+
+
+class PurchaseOut(ma.Schema):
+    id = ma.fields.UUID(required=True)
+    kind = ma.fields.Enum(PurchaseKind, by_value=True, required=True)
+    status = ma.fields.Enum(PurchaseStatus, by_value=True, required=True, metadata={
+        "description": "`pending` until paid; `paid`; `cancelled`."})
+    plan_id = ma.fields.UUID(required=True, allow_none=True)
+    offer_id = ma.fields.UUID(required=True, allow_none=True)
+    quantity = ma.fields.Integer(required=True)
+    currency = ma.fields.String(required=True)
+    unit_price_minor = ma.fields.Integer(required=True)
+    amount_minor = ma.fields.Integer(required=True)
+    created_at = ma.fields.AwareDateTime(required=True)
+    paid_at = ma.fields.AwareDateTime(required=True, allow_none=True)
+    cancelled_at = ma.fields.AwareDateTime(required=True, allow_none=True)
+
+
+class LicencePackOut(ma.Schema):
+    id = ma.fields.UUID(required=True)
+    plan_id = ma.fields.UUID(required=True)
+    purchase_id = ma.fields.UUID(required=True, allow_none=True)
+    seats = ma.fields.Integer(required=True)
+    seats_used = ma.fields.Integer(required=True)
+    seats_free = ma.fields.Function(lambda pack: pack.seats - pack.seats_used, required=True)
+    activation_deadline = ma.fields.AwareDateTime(required=True)
+    created_at = ma.fields.AwareDateTime(required=True)
+
+
+class DeviceLicenceOut(ma.Schema):
+    licensed = ma.fields.Boolean(required=True, metadata={
+        "description": "Whether the device holds a licence in its term or grace now."})
+    plan_id = ma.fields.UUID(required=True, allow_none=True)
+    pack_id = ma.fields.UUID(required=True, allow_none=True)
+    starts_at = ma.fields.AwareDateTime(required=True, allow_none=True)
+    ends_at = ma.fields.AwareDateTime(required=True, allow_none=True)
+    grace_ends_at = ma.fields.AwareDateTime(required=True, allow_none=True)
+
+
+PlanPage = page_schema(PlanOut, "PlanPage")
+PackageOfferPage = page_schema(PackageOfferOut, "PackageOfferPage")
+PurchasePage = page_schema(PurchaseOut, "PurchasePage")
+LicencePackPage = page_schema(LicencePackOut, "LicencePackPage")

@@ -1,0 +1,52 @@
+"""The billing endpoints for the API-walking tests (see tests/core/endpoints.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accounts.models import Role, Tenant
+from billing import purchases
+from billing.models import Purchase
+from core.db import db
+from tests.billing.helpers import make_offer, make_plan
+from tests.core.endpoints import ALL_ROLES, Endpoint
+
+READ = "billing:read"
+WRITE = "billing:write"
+BUYERS = frozenset({Role.OWNER, Role.FINANCE})
+
+
+def _pack_order(tenant: Tenant) -> dict[str, Any]:
+    plan = make_plan(prices={tenant.currency: (1000, "0.1")})
+    return {"plan_id": str(plan.id), "quantity": 2}
+
+
+def _package_order(tenant: Tenant) -> dict[str, Any]:
+    return {"offer_id": str(make_offer().id), "quantity": 1}
+
+
+PURCHASE = "/api/v1/billing/purchases/<purchase_id>"
+
+ENDPOINTS = {
+    ("/api/v1/billing/plans", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/billing/package-offers", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/billing/purchases", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/billing/purchases/licence-packs", "POST"): Endpoint(WRITE, BUYERS, _pack_order),
+    ("/api/v1/billing/purchases/packages", "POST"): Endpoint(WRITE, BUYERS, _package_order),
+    (PURCHASE, "GET"): Endpoint(READ, ALL_ROLES),
+    (f"{PURCHASE}/cancel", "POST"): Endpoint(WRITE, BUYERS, {}),
+    ("/api/v1/billing/licence-packs", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/devices/<device_id>/licence", "GET"): Endpoint(READ, ALL_ROLES),
+}
+
+
+def _purchase(tenant: Tenant) -> Purchase:
+    plan = make_plan(prices={tenant.currency: (1000, "0.1")})
+    purchase = purchases.order_pack(tenant.id, tenant.currency, plan.id, 1)
+    db.session.commit()
+    return purchase
+
+
+CREATORS: dict[type, Any] = {
+    Purchase: _purchase,
+}
