@@ -70,6 +70,9 @@ def seed_demo() -> tuple[Tenant, str | None]:
         tenant = services.create_tenant(DEMO_TENANT, "CNY", "Asia/Shanghai")
         services.add_member(tenant, user, Role.OWNER)
         _, raw = services.create_token(tenant, "demo", TokenScope.WRITE, user)
+    from billing import services as billing  # billing builds on accounts: imported late
+
+    billing.catalog.seed_demo_catalogue()
     return tenant, raw
 
 

@@ -145,3 +145,25 @@ def describe(plan: Plan) -> dict[str, Any]:
     return {"code": plan.code, "name": plan.name, "billing": plan.billing.value,
             "term_months": plan.term_months, "grace_days": plan.grace_days,
             "allowance_credits": plan.allowance_credits, "modalities": list(plan.modalities)}
+
+
+DEMO_PLAN = "companion-12m"
+DEMO_OFFER = "credits-10k"
+
+
+def seed_demo_catalogue() -> None:
+    """A plan with its rate card and a package offer, so a fresh platform has something to
+    sell (the demo; safe to run twice)."""
+    if db.session.scalar(select(Plan.id).where(Plan.code == DEMO_PLAN)) is None:
+        plan = create_plan(DEMO_PLAN, "Companion, 12 months", term_months=12, grace_days=14,
+                           allowance_credits=300, requests_per_minute=20,
+                           concurrent_streams=2,
+                           prices={"CNY": (9000, "0.7"), "EUR": (1200, "0.1"),
+                                   "USD": (1300, "0.1")})
+        publish_rate_card(plan, {"input_tokens": (1000, 1), "output_tokens": (1000, 4),
+                                 "audio_in_ms": (60_000, 10), "audio_out_ms": (60_000, 5),
+                                 "images": (1, 2)},
+                          overage_prices={"CNY": "1.0", "EUR": "0.15", "USD": "0.15"})
+    if db.session.scalar(select(PackageOffer.id).where(PackageOffer.code == DEMO_OFFER)) is None:
+        create_package_offer(DEMO_OFFER, "10,000 credits", 10_000, 90,
+                             {"CNY": 6500, "EUR": 900, "USD": 1000})

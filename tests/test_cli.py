@@ -160,8 +160,16 @@ def test_seed_demo_is_idempotent(cli: Any, committed_app: Any) -> None:
 
     assert services.authenticate(DEMO_EMAIL, DEMO_PASSWORD).email == DEMO_EMAIL
     client = committed_app.test_client()
-    response = client.get("/api/v1/tenant", headers={"Authorization": f"Bearer {token.group(1)}"})
+    headers = {"Authorization": f"Bearer {token.group(1)}"}
+    response = client.get("/api/v1/tenant", headers=headers)
     assert response.get_json()["name"] == DEMO_TENANT
+    # Something to sell on a fresh platform, once: a plan priced in the demo's CNY, a package.
+    [plan] = client.get("/api/v1/billing/plans", headers=headers).get_json()["items"]
+    assert plan["code"] == "companion-12m" and "CNY" in [p["currency"] for p in plan["prices"]]
+    [offer] = client.get("/api/v1/billing/package-offers", headers=headers).get_json()["items"]
+    ordered = client.post("/api/v1/billing/purchases/packages", headers=headers,
+                          json={"offer_id": offer["id"], "quantity": 1})
+    assert ordered.status_code == 201 and ordered.get_json()["amount_minor"] == 6500
 
 
 def test_unreachable_database_fails_with_the_url_masked() -> None:
