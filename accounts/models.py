@@ -7,10 +7,10 @@ import enum
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, Enum, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import JSON, ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from core.db import Base, Timestamped, UUIDPrimaryKey
+from core.db import Base, Timestamped, UUIDPrimaryKey, str_enum
 from core.tenancy import TenantOwned
 
 
@@ -32,11 +32,6 @@ class TokenScope(enum.StrEnum):
     WRITE = "write"
 
 
-def _enum(cls: type[enum.Enum], name: str) -> Enum:
-    return Enum(cls, name=name, native_enum=False, values_callable=lambda e: [m.value for m in e],
-                validate_strings=True, length=32)
-
-
 class Tenant(UUIDPrimaryKey, Timestamped, Base):
     __tablename__ = "tenants"
 
@@ -45,7 +40,7 @@ class Tenant(UUIDPrimaryKey, Timestamped, Base):
     currency: Mapped[str] = mapped_column(String(3))
     timezone: Mapped[str] = mapped_column(String(64))
     status: Mapped[TenantStatus] = mapped_column(
-        _enum(TenantStatus, "tenant_status"), default=TenantStatus.ACTIVE
+        str_enum(TenantStatus, "tenant_status"), default=TenantStatus.ACTIVE
     )
     require_two_factor: Mapped[bool] = mapped_column(default=False)
     suspended_reason: Mapped[str | None] = mapped_column(String(500))
@@ -80,7 +75,7 @@ class Membership(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     user_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), index=True
     )
-    role: Mapped[Role] = mapped_column(_enum(Role, "role"))
+    role: Mapped[Role] = mapped_column(str_enum(Role, "role"))
 
     tenant: Mapped[Tenant] = relationship(back_populates="memberships")
     user: Mapped[User] = relationship(back_populates="memberships")
@@ -90,7 +85,7 @@ class Invitation(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     __tablename__ = "invitations"
 
     email: Mapped[str] = mapped_column(String(320))
-    role: Mapped[Role] = mapped_column(_enum(Role, "role"))
+    role: Mapped[Role] = mapped_column(str_enum(Role, "role"))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     invited_by_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("users.id", ondelete="SET NULL")
@@ -117,7 +112,7 @@ class ApiToken(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     name: Mapped[str] = mapped_column(String(200))
     prefix: Mapped[str] = mapped_column(String(16))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    scope: Mapped[TokenScope] = mapped_column(_enum(TokenScope, "token_scope"))
+    scope: Mapped[TokenScope] = mapped_column(str_enum(TokenScope, "token_scope"))
     created_by_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("users.id", ondelete="SET NULL")
     )

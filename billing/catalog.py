@@ -24,8 +24,8 @@ from billing.models import (
     RateCardRate,
 )
 from billing.pricing import RateTable, check_metric
-from core.db import db, utcnow
-from core.errors import Conflict, NotFound, ValidationFailed
+from core.db import db, get_by_id, utcnow
+from core.errors import Conflict, ValidationFailed
 
 
 def create_plan(code: str, name: str, *, billing: PlanBilling = PlanBilling.PREPAID,
@@ -67,12 +67,7 @@ def plan_price(plan: Plan, currency: str) -> PlanPrice:
 
 
 def get_plan(plan_id: uuid.UUID | str) -> Plan:
-    try:
-        plan = db.session.get(Plan, uuid.UUID(str(plan_id)))
-    except ValueError:
-        plan = None
-    if plan is None:
-        raise NotFound("No such plan.")
+    plan: Plan = get_by_id(Plan, plan_id, "plan")
     return plan
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import click
 from flask import Flask
 from flask.cli import with_appcontext
@@ -11,8 +9,7 @@ from flask.cli import with_appcontext
 from accounts.cli import command_boundary
 from billing import purchases
 from billing.models import Purchase
-from core.db import db
-from core.errors import NotFound
+from core.db import get_by_id
 
 
 def register(app: Flask) -> None:
@@ -23,12 +20,7 @@ def register(app: Flask) -> None:
     def mark_purchase_paid(purchase_id: str) -> None:
         """Deliver a pending purchase (until payment arrives with the finance issue): a pack's
         seats go to unlicensed devices at once, a package's credits to the ledger."""
-        try:
-            purchase = db.session.get(Purchase, uuid.UUID(purchase_id))
-        except ValueError:
-            purchase = None
-        if purchase is None:
-            raise NotFound("No such purchase.")
+        purchase = get_by_id(Purchase, purchase_id, "purchase")
         licensed = purchases.mark_paid(purchase)
         click.echo(f"paid: {purchase.kind.value} x {purchase.quantity}"
                    + (f"; {len(licensed)} devices licensed" if licensed else ""))

@@ -17,7 +17,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     CheckConstraint,
-    Enum,
     ForeignKey,
     Index,
     Numeric,
@@ -26,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from core.db import Base, Timestamped, UUIDPrimaryKey
+from core.db import Base, Timestamped, UUIDPrimaryKey, str_enum
 from core.tenancy import TenantOwned
 
 METRICS = ("input_tokens", "output_tokens", "audio_in_ms", "audio_out_ms", "images",
@@ -59,11 +58,6 @@ class EntryKind(enum.StrEnum):
     REFUND = "refund"
 
 
-def _enum(cls: type[enum.Enum], name: str) -> Enum:
-    return Enum(cls, name=name, native_enum=False, values_callable=lambda e: [m.value for m in e],
-                validate_strings=True, length=32)
-
-
 class Plan(UUIDPrimaryKey, Timestamped, Base):
     """A licence plan: what a device's seat gives it (platform-wide, run by platform admins)."""
 
@@ -79,7 +73,7 @@ class Plan(UUIDPrimaryKey, Timestamped, Base):
 
     code: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200))
-    billing: Mapped[PlanBilling] = mapped_column(_enum(PlanBilling, "plan_billing"))
+    billing: Mapped[PlanBilling] = mapped_column(str_enum(PlanBilling, "plan_billing"))
     term_months: Mapped[int] = mapped_column()
     grace_days: Mapped[int] = mapped_column(default=0)
     # Credits per device per calendar month (tenant's time zone), prorated in the first month.
@@ -211,8 +205,8 @@ class Purchase(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
         Index("ix_purchases_tenant_id_id", "tenant_id", "id"),
     )
 
-    kind: Mapped[PurchaseKind] = mapped_column(_enum(PurchaseKind, "purchase_kind"))
-    status: Mapped[PurchaseStatus] = mapped_column(_enum(PurchaseStatus, "purchase_status"),
+    kind: Mapped[PurchaseKind] = mapped_column(str_enum(PurchaseKind, "purchase_kind"))
+    status: Mapped[PurchaseStatus] = mapped_column(str_enum(PurchaseStatus, "purchase_status"),
                                                    default=PurchaseStatus.PENDING)
     plan_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("plans.id"))
     offer_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("package_offers.id"))
@@ -324,7 +318,7 @@ class LedgerEntry(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     )
 
     account: Mapped[str] = mapped_column(String(100))
-    kind: Mapped[EntryKind] = mapped_column(_enum(EntryKind, "entry_kind"))
+    kind: Mapped[EntryKind] = mapped_column(str_enum(EntryKind, "entry_kind"))
     credits: Mapped[int] = mapped_column()
     cause_type: Mapped[str] = mapped_column(String(32))  # usage_event, purchase, licence, admin
     cause_id: Mapped[str] = mapped_column(String(200))

@@ -21,8 +21,8 @@ from billing.models import (
     PurchaseKind,
     PurchaseStatus,
 )
-from core.db import db, utcnow
-from core.errors import Conflict, NotFound, ValidationFailed
+from core.db import db, get_by_id, utcnow
+from core.errors import Conflict, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,5 @@ def packs(tenant_id: uuid.UUID) -> list[LicencePack]:
 
 
 def _offer(offer_id: uuid.UUID | str | None) -> PackageOffer:
-    try:
-        offer = db.session.get(PackageOffer, uuid.UUID(str(offer_id)))
-    except ValueError:
-        offer = None
-    if offer is None:
-        raise NotFound("No such package offer.")
+    offer: PackageOffer = get_by_id(PackageOffer, offer_id, "package offer")
     return offer

@@ -7,12 +7,13 @@ Services flush; the boundary (a request, a job, a CLI command) commits. The sess
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import uuid
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy import DateTime, MetaData, Uuid, create_engine, event
+from sqlalchemy import DateTime, Enum, MetaData, Uuid, create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
 from sqlalchemy.orm import Session as OrmSession
@@ -57,6 +58,13 @@ def utcnow() -> dt.datetime:
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dt.datetime: UTCDateTime, uuid.UUID: Uuid}
+
+
+def str_enum(cls: type[enum.Enum], name: str) -> Enum:
+    """An enum stored as its values in a VARCHAR(32) with a CHECK, the same on Postgres and
+    SQLite (no native enum type to migrate)."""
+    return Enum(cls, name=name, native_enum=False, values_callable=lambda e: [m.value for m in e],
+                validate_strings=True, length=32)
 
 
 class UUIDPrimaryKey:
@@ -172,3 +180,18 @@ def _drop_on_commit(session: OrmSession) -> None:
     if not session.in_transaction():
         session.info.pop("on_commit", None)
         _end_transaction_state(session)
+
+
+def get_by_id(model: type[Any], obj_id: Any, what: str) -> Any:
+    """The row of a model that is not tenant-owned (tenant-owned rows go through
+    ``core.tenancy.get_owned``), or ``NotFound`` for a missing row or a malformed id."""
+    from core.errors import NotFound
+
+    try:
+        key = obj_id if isinstance(obj_id, uuid.UUID) else uuid.UUID(str(obj_id))
+    except ValueError:
+        key = None
+    row = db.session.get(model, key) if key is not None else None
+    if row is None:
+        raise NotFound(f"No such {what}.")
+    return row

@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     CheckConstraint,
-    Enum,
     ForeignKey,
     Index,
     String,
@@ -20,7 +19,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from core.db import Base, Timestamped, UUIDPrimaryKey
+from core.db import Base, Timestamped, UUIDPrimaryKey, str_enum
 from core.tenancy import TenantOwned
 
 
@@ -38,11 +37,6 @@ class DeviceStatus(enum.StrEnum):
     RETIRED = "retired"
 
 
-def _enum(cls: type[enum.Enum], name: str) -> Enum:
-    return Enum(cls, name=name, native_enum=False, values_callable=lambda e: [m.value for m in e],
-                validate_strings=True, length=32)
-
-
 class Product(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     """A device model line; its enrolment key lets its devices bootstrap themselves."""
 
@@ -55,7 +49,7 @@ class Product(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     )
 
     name: Mapped[str] = mapped_column(String(200))
-    hardware_kind: Mapped[HardwareKind] = mapped_column(_enum(HardwareKind, "hardware_kind"))
+    hardware_kind: Mapped[HardwareKind] = mapped_column(str_enum(HardwareKind, "hardware_kind"))
     description: Mapped[str] = mapped_column(String(2000), default="")
     enrolment_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     enrolment_key_prefix: Mapped[str] = mapped_column(String(16))
@@ -91,7 +85,7 @@ class Device(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     name: Mapped[str] = mapped_column(String(200), default="")
     group_name: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[DeviceStatus] = mapped_column(
-        _enum(DeviceStatus, "device_status"), default=DeviceStatus.PROVISIONED
+        str_enum(DeviceStatus, "device_status"), default=DeviceStatus.PROVISIONED
     )
     firmware_version: Mapped[str | None] = mapped_column(String(64))
     config_version: Mapped[str | None] = mapped_column(String(64))
