@@ -44,16 +44,23 @@ class EmbeddedServer:
 @pytest.fixture
 def embedded_server(tmp_path: Path, log_dir: Path) -> Iterator[EmbeddedServer]:
     """``flask serve`` with no service URL, secret or SMTP server: the embedded defaults."""
-    port, mqtt_port = free_port(), free_port()
     database = tmp_path / "embedded.db"
-    process = ManagedProcess(
-        f"embedded-{port}", flask_command("serve", "--port", str(port)), log_dir=log_dir,
-        env={"ENSOUL_PROFILE": "embedded", "DATABASE_URL": f"sqlite:///{database}",
-             "MQTT_URL": f"embedded://127.0.0.1:{mqtt_port}"},
-        ready=lambda: port_open("127.0.0.1", port))
-    for key in ("REDIS_URL", "SECRET_KEY", "ENSOUL_ENCRYPTION_KEY", "ENSOUL_SMTP_HOST"):
-        process.env.pop(key, None)
-    process.start(timeout=60)
+    for attempt in range(3):
+        port, mqtt_port = free_port(), free_port()
+        process = ManagedProcess(
+            f"embedded-{port}", flask_command("serve", "--port", str(port)), log_dir=log_dir,
+            env={"ENSOUL_PROFILE": "embedded", "DATABASE_URL": f"sqlite:///{database}",
+                 "MQTT_URL": f"embedded://127.0.0.1:{mqtt_port}"},
+            ready=lambda port=port: port_open("127.0.0.1", port))
+        for key in ("REDIS_URL", "SECRET_KEY", "ENSOUL_ENCRYPTION_KEY", "ENSOUL_SMTP_HOST"):
+            process.env.pop(key, None)
+        try:
+            process.start(timeout=60)
+            break
+        except RuntimeError:
+            # A free port can be taken by another process before the server binds it.
+            if attempt == 2 or "Address already in use" not in process.output():
+                raise
     try:
         yield EmbeddedServer(process, port, mqtt_port, database)
     finally:
