@@ -371,6 +371,9 @@ WITHOUT_ID: dict[str, tuple[bytes, str]] = {
     "listen stop with a bad id": (dumps({"type": "listen", "state": "stop", "id": "x"}), "id"),
     "deeply nested JSON": (b'{"type": "request", "x": ' + b"[" * 100_000 + b"]" * 100_000
                            + b"}", ""),
+    # Valid JSON to Python's json module, but no UTF-8 encoder can write it back out.
+    "a lone surrogate in the text": (dumps(request(text="Hi")).replace(b'"Hi"', b'"\\ud800"'),
+                                     "UTF-8"),
 }
 
 
