@@ -2,8 +2,8 @@
 the seats devices hold, prepaid credit packages, the tenants' billing policy and the
 append-only credit ledger.
 
-Money is integer minor units, or ``Numeric`` where a price per credit is a fraction of a minor
-unit; credits are integers. Balances are never stored here: they are sums over the ledger.
+Money is integer minor units (BIGINT: a million seats at 9,000 fen is past 32 bits), or
+``Numeric`` where a price per credit is a fraction of a minor unit; credits are integers. Balances are never stored here: they are sums over the ledger.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -101,7 +102,7 @@ class PlanPrice(UUIDPrimaryKey, Base):
     plan_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"))
     currency: Mapped[str] = mapped_column(String(3))
     # Prepaid: one seat for the term. Postpaid: one licensed device for a whole month.
-    seat_price_minor: Mapped[int] = mapped_column()
+    seat_price_minor: Mapped[int] = mapped_column(BigInteger)
     # What one credit is worth (a device's cost this month, refunds).
     credit_value_minor: Mapped[decimal.Decimal] = mapped_column(PRICE_PER_CREDIT)
 
@@ -187,7 +188,7 @@ class PackageOfferPrice(Base):
     offer_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("package_offers.id", ondelete="CASCADE"), primary_key=True)
     currency: Mapped[str] = mapped_column(String(3), primary_key=True)
-    price_minor: Mapped[int] = mapped_column()
+    price_minor: Mapped[int] = mapped_column(BigInteger)
 
     offer: Mapped[PackageOffer] = relationship(back_populates="prices")
 
@@ -212,8 +213,8 @@ class Purchase(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     offer_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("package_offers.id"))
     quantity: Mapped[int] = mapped_column()  # seats, or packages
     currency: Mapped[str] = mapped_column(String(3))
-    unit_price_minor: Mapped[int] = mapped_column()
-    amount_minor: Mapped[int] = mapped_column()
+    unit_price_minor: Mapped[int] = mapped_column(BigInteger)
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
     created_by_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("users.id", ondelete="SET NULL"))
     paid_at: Mapped[dt.datetime | None] = mapped_column()

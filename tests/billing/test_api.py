@@ -95,3 +95,11 @@ def test_bad_orders_get_one_error_shape(client: Any, vendor: Vendor) -> None:
             assert field in str(error["details"]), (body, error)
     assert client.get(f"{API}/purchases", headers=vendor.headers).get_json()["items"] == []
     assert catalog.get_plan(plan.id).code == plan.code
+
+
+def test_a_large_order_is_exact_past_32_bits(client: Any, vendor: Vendor) -> None:
+    plan = make_plan(prices={"EUR": (9000, "0.7")})
+    response = client.post(f"{API}/purchases/licence-packs", headers=vendor.headers,
+                           json={"plan_id": str(plan.id), "quantity": 1_000_000})
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["amount_minor"] == 9_000_000_000
