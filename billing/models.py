@@ -3,7 +3,8 @@ the seats devices hold, prepaid credit packages, the tenants' billing policy and
 append-only credit ledger.
 
 Money is integer minor units (BIGINT: a million seats at 9,000 fen is past 32 bits), or
-``Numeric`` where a price per credit is a fraction of a minor unit; credits are integers. Balances are never stored here: they are sums over the ledger.
+``Numeric`` where a price per credit is a fraction of a minor unit; credits are integers.
+Balances are never stored here: they are sums over the ledger.
 """
 
 from __future__ import annotations

@@ -66,7 +66,9 @@ def _order(tenant_id: uuid.UUID, kind: PurchaseKind, currency: str, quantity: in
 def mark_paid(purchase: Purchase, *, user_id: uuid.UUID | None = None,
               at: dt.datetime | None = None) -> list[uuid.UUID]:
     """Deliver what was bought; returns the devices that received a seat on the way
-    (unlicensed active devices, oldest activation first)."""
+    (unlicensed active devices, oldest activation first). The purchase's row is locked first:
+    two administrators marking it paid at once deliver it once."""
+    db.session.refresh(purchase, with_for_update=True)
     if purchase.status is PurchaseStatus.PAID:
         return []  # marking it paid again delivers nothing twice
     if purchase.status is not PurchaseStatus.PENDING:
@@ -103,6 +105,7 @@ def mark_paid(purchase: Purchase, *, user_id: uuid.UUID | None = None,
 
 
 def cancel(purchase: Purchase) -> None:
+    db.session.refresh(purchase, with_for_update=True)  # not while it is being paid
     if purchase.status is PurchaseStatus.CANCELLED:
         return
     if purchase.status is not PurchaseStatus.PENDING:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_sessio
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.types import TypeDecorator
 
+from core.errors import NotFound
 from core.ids import uuid7
 
 NAMING_CONVENTION = {
@@ -185,8 +186,6 @@ def _drop_on_commit(session: OrmSession) -> None:
 def get_by_id(model: type[Any], obj_id: Any, what: str) -> Any:
     """The row of a model that is not tenant-owned (tenant-owned rows go through
     ``core.tenancy.get_owned``), or ``NotFound`` for a missing row or a malformed id."""
-    from core.errors import NotFound
-
     try:
         key = obj_id if isinstance(obj_id, uuid.UUID) else uuid.UUID(str(obj_id))
     except ValueError:

@@ -27,13 +27,11 @@ class LoopSocket:
     socket is watched."""
 
     def __init__(self, client: paho.Client, loop: asyncio.AbstractEventLoop, *,
-                 on_open: Callable[[Any], None] | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_open: Callable[[Any], None] | None = None) -> None:
         self.client = client
         self.loop = loop
         self.sock: Any = None
         self._on_open_hook = on_open
-        self._on_close_hook = on_close
         self._writer = False  # a real add_writer is registered
         self._flush_pending = False
         client.on_socket_open = self._on_open
@@ -55,8 +53,6 @@ class LoopSocket:
             self.loop.remove_writer(sock)
             self._writer = False
         self.sock = None
-        if self._on_close_hook is not None:
-            self._on_close_hook()
 
     def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this once until the next unregister, however many packets it queues.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +13,7 @@ from werkzeug.wrappers import Response
 
 from accounts import services
 from accounts.models import Membership, Tenant, TenantStatus
-from core.db import db
+from core.db import db, get_by_id
 from core.errors import NotFound
 from portal.blueprint import bp
 from portal.forms import SuspendTenantForm
@@ -34,12 +33,7 @@ def platform_admin(view: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _tenant(tenant_id: str) -> Tenant:
-    try:
-        tenant = db.session.get(Tenant, uuid.UUID(tenant_id))
-    except ValueError:
-        tenant = None
-    if tenant is None:
-        raise NotFound("No such tenant.")
+    tenant: Tenant = get_by_id(Tenant, tenant_id, "tenant")
     return tenant
 
 
