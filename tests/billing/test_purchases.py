@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import threading
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from accounts.models import AuditEntry
 from billing import catalog, ledger, purchases
@@ -15,13 +17,15 @@ from billing.models import (
     CreditPackage,
     EntryKind,
     PlanBilling,
+    Purchase,
     PurchaseKind,
     PurchaseStatus,
 )
 from core.db import db, utcnow
 from core.errors import Conflict, NotFound, ValidationFailed
 from tests.billing.helpers import make_offer, make_plan
-from tests.fleet.fixtures import Vendor
+from tests.fleet.fixtures import Vendor, make_vendor
+from tests.support.waiting import wait_until
 
 
 def test_a_pack_is_priced_per_seat_in_the_tenants_currency(vendor: Vendor) -> None:
@@ -131,3 +135,49 @@ def test_plans_and_rate_cards(vendor: Vendor) -> None:
         make_plan(modalities=["telepathy"])
     with pytest.raises(Conflict):
         catalog.create_plan(plan.code, "again")
+
+
+def test_two_admins_paying_at_once_deliver_once(committed_app: Any) -> None:
+    """Real concurrency: the first payment holds the purchase's row while the second waits on
+    it (seen in pg_stat_activity), then finds it paid and delivers nothing."""
+    seller = make_vendor()
+    offer = make_offer(credits=1000)
+    purchase = purchases.order_package(seller.setup.tenant.id, "EUR", offer.id, 1)
+    db.session.commit()
+    first_holds, second_waits = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def pay(hold: bool) -> None:
+        try:
+            with committed_app.app_context():
+                purchases.mark_paid(db.session.get(Purchase, purchase.id))
+                if hold:
+                    first_holds.set()
+                    assert second_waits.wait(20), "the second payment never waited"
+                db.session.commit()
+                db.session.remove()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    first = threading.Thread(target=pay, args=(True,))
+    first.start()
+    assert first_holds.wait(20), errors
+    second = threading.Thread(target=pay, args=(False,))
+    second.start()
+    engine = committed_app.extensions["ensoul_db_engine"]
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watcher:
+            wait_until(lambda: watcher.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()")).scalar(), 10,
+                what="the second payment to wait for the purchase's lock")
+    finally:
+        second_waits.set()
+        first.join(30)
+        second.join(30)
+    assert errors == []
+    db.session.expire_all()
+    packages = db.session.scalars(select(CreditPackage).where(
+        CreditPackage.purchase_id == purchase.id)).all()
+    assert len(packages) == 1
+    assert ledger.balance(seller.setup.tenant.id, ledger.package_account(packages[0].id)) == 1000
