@@ -125,12 +125,13 @@ def run_periodic(app: Flask, stop: threading.Event) -> None:
     A Redis key per job and interval lets several schedulers run without enqueueing twice.
     The embedded profile runs each job right here (its queue is synchronous).
     """
+    from billing.tasks import periodic_jobs as billing_jobs
     from core.queue import enqueue
     from core.redis import get_redis, name
     from fleet.tasks import periodic_jobs as fleet_jobs
     from inference.tasks import periodic_jobs as inference_jobs
 
-    jobs = fleet_jobs(app.config) + inference_jobs(app.config)
+    jobs = fleet_jobs(app.config) + inference_jobs(app.config) + billing_jobs(app.config)
     due = [0.0] * len(jobs)
     while not stop.is_set():
         for index, (every, job) in enumerate(jobs):
@@ -225,10 +226,13 @@ def _serve_metrics(app: Flask) -> None:
 @contextlib.contextmanager
 def _embedded_background(app: Flask) -> Iterator[None]:
     """What the Procfile's broker, usage writer and scheduler do, as threads of ``serve``."""
+    from billing.balances import rebuild_all
     from fleet.presence import PresenceTracker
     from inference.service import BrokerThread
     from inference.usage import run_usage_writer
 
+    with app.app_context():  # the embedded Redis starts empty: balances come from the ledger
+        rebuild_all()
     stop = threading.Event()
     target = platform_target(app.config)
     tracker = PresenceTracker(app, target, shared=False)

@@ -73,6 +73,7 @@ def seed_demo() -> tuple[Tenant, str | None]:
     from billing import services as billing  # billing builds on accounts: imported late
 
     billing.catalog.seed_demo_catalogue()
+    billing.purchases.seed_demo_tenant(tenant.id, tenant.currency)
     return tenant, raw
 
 

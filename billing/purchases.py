@@ -11,18 +11,20 @@ import uuid
 from sqlalchemy import select
 
 from accounts import services as accounts
-from billing import catalog, ledger, licences
+from billing import balances, catalog, ledger, licences
 from billing.models import (
     CreditPackage,
     EntryKind,
     LicencePack,
     PackageOffer,
+    Plan,
     Purchase,
     PurchaseKind,
     PurchaseStatus,
 )
 from core.db import db, get_by_id, utcnow
 from core.errors import Conflict, ValidationFailed
+from fleet.access import devices_changed
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,10 @@ def mark_paid(purchase: Purchase, *, user_id: uuid.UUID | None = None,
             activation_deadline=moment + dt.timedelta(days=PACK_ACTIVATION_DAYS)))
         db.session.flush()
         licensed = licences.assign_waiting(purchase.tenant_id, at=moment)
+        if licensed:
+            devices_changed(purchase.tenant_id, licensed)  # their profiles gain the licence
     else:
+        bought = []
         offer = _offer(purchase.offer_id)
         for index in range(purchase.quantity):
             package = CreditPackage(
@@ -95,9 +100,11 @@ def mark_paid(purchase: Purchase, *, user_id: uuid.UUID | None = None,
                 expires_at=moment + dt.timedelta(days=offer.validity_days))
             db.session.add(package)
             db.session.flush()
+            bought.append(package)
             ledger.post(purchase.tenant_id, [ledger.Movement(
                 ledger.package_account(package.id), EntryKind.GRANT, offer.credits,
                 "purchase", f"{purchase.id}:{index}", actor_user_id=user_id)])
+        balances.load_packages_after_commit(purchase.tenant_id, bought)
     accounts.record_audit("purchase.paid", tenant_id=purchase.tenant_id, target=purchase,
                           details={"kind": purchase.kind.value, "licensed": len(licensed)})
     db.session.flush()
@@ -124,3 +131,22 @@ def packs(tenant_id: uuid.UUID) -> list[LicencePack]:
 def _offer(offer_id: uuid.UUID | str | None) -> PackageOffer:
     offer: PackageOffer = get_by_id(PackageOffer, offer_id, "package offer")
     return offer
+
+
+DEMO_SEATS = 50
+
+
+def seed_demo_tenant(tenant_id: uuid.UUID, currency: str) -> None:
+    """Seats and a package for the demo tenant, paid, so its simulated devices are served
+    (safe to run twice)."""
+    from billing.catalog import DEMO_OFFER, DEMO_PLAN
+
+    if not packs(tenant_id):
+        plan = db.session.scalar(select(Plan).where(Plan.code == DEMO_PLAN))
+        if plan is not None:
+            mark_paid(order_pack(tenant_id, currency, plan.id, DEMO_SEATS))
+    if db.session.scalar(select(CreditPackage.id).where(CreditPackage.tenant_id == tenant_id)
+                         .limit(1)) is None:
+        offer = db.session.scalar(select(PackageOffer).where(PackageOffer.code == DEMO_OFFER))
+        if offer is not None:
+            mark_paid(order_package(tenant_id, currency, offer.id, 1))

@@ -75,6 +75,10 @@ DEFAULTS: dict[str, Any] = {
     "ENSOUL_INFERENCE_DEVICE_MESSAGES_PER_SECOND": 20,  # JSON floods beyond this are dropped
     "ENSOUL_INFERENCE_TURN_IDLE_SECONDS": 10.0,  # a voice turn with no audio and no stop ends
     "ENSOUL_INFERENCE_METRICS_PORT": 0,  # Prometheus /metrics of the broker process; 0: off
+    # billing: the hook enforcing licences and credits in the stream (inference.service)
+    "ENSOUL_BILLING_HOOK": "billing.enforcement:make_hook",
+    "ENSOUL_BILLING_CHUNK_OUTPUT_TOKENS": 50,  # reserved ahead per stream: ~1 s of output
+    "ENSOUL_BILLING_CHUNK_AUDIO_MS": 1000,
     "ENSOUL_LOCAL_TTFT_MS": 150,
     "ENSOUL_LOCAL_TOKENS_PER_SECOND": 30,
     "ENSOUL_LOCAL_ANSWER_TOKENS": 40,

@@ -17,8 +17,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 from flask import current_app
@@ -144,6 +144,27 @@ def _limits(config: Any, product: Any) -> tuple[int, int, int | None]:
     return rpm, streams, cap
 
 
+ProfilePart = Callable[[Session, uuid.UUID, list[uuid.UUID], str], dict[str, dict[str, Any]]]
+_profile_parts: list[ProfilePart] = []
+
+
+def register_licence_part(part: ProfilePart) -> ProfilePart:
+    """Billing's part of every profile: ``part(session, tenant_id, device_ids, timezone)``
+    answers device id -> the ``licence`` dict (its ``limits`` may tighten the device's)."""
+    if part not in _profile_parts:
+        _profile_parts.append(part)
+    return part
+
+
+def _tighten(profile: DeviceProfile, licence: dict[str, Any]) -> DeviceProfile:
+    limits = licence.get("limits") or {}
+    rpm = min(profile.requests_per_minute, limits.get("requests_per_minute") or 2**31)
+    streams = min(profile.concurrent_streams, limits.get("concurrent_streams") or 2**31)
+    caps = [c for c in (profile.daily_request_cap, limits.get("daily_request_cap")) if c]
+    return replace(profile, requests_per_minute=rpm, concurrent_streams=streams,
+                   daily_request_cap=min(caps) if caps else None, licence=licence)
+
+
 def build_profiles(session: Session, tenant_id: uuid.UUID,
                    device_ids: Iterable[uuid.UUID] | None) -> list[DeviceProfile]:
     from accounts.models import Tenant
@@ -170,6 +191,10 @@ def build_profiles(session: Session, tenant_id: uuid.UUID,
             status=str(device.status), tenant_status=str(tenant.status),
             timezone=tenant.timezone, requests_per_minute=rpm, concurrent_streams=streams,
             daily_request_cap=cap, provider=providers[product.id], memory=memory))
+    for part in _profile_parts:
+        licences = part(session, tenant_id, [uuid.UUID(p.device_id) for p in profiles],
+                        tenant.timezone)
+        profiles = [_tighten(p, licences.get(p.device_id) or {}) for p in profiles]
     return profiles
 
 

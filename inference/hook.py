@@ -64,7 +64,8 @@ class BillingHook(Protocol):
 
     async def checkpoint(self, entries: list[tuple[Admission, Units]]) -> None: ...
 
-    async def settle(self, admission: Admission, event: UsageEvent) -> bool: ...
+    async def settle(self, admission: Admission | None, event: UsageEvent) -> bool:
+        """``admission`` is ``None`` when the sweeper settles a dead broker's stream."""
 
 
 def keys(prefix: str, tenant_id: str) -> dict[str, str]:
@@ -131,11 +132,11 @@ INFLIGHT_TENANTS = "inference:inflight-tenants"
 
 
 def local_day(timezone: str, now: float) -> str:
-    return dt.datetime.fromtimestamp(now, _zone(timezone)).strftime("%Y%m%d")
+    return dt.datetime.fromtimestamp(now, tenant_zone(timezone)).strftime("%Y%m%d")
 
 
 @functools.lru_cache(maxsize=1024)
-def _zone(name: str) -> ZoneInfo:
+def tenant_zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (KeyError, ValueError):
@@ -207,7 +208,7 @@ class LimitsHook:
 
         await self.scripts.pipelined(self.redis, run)
 
-    async def settle(self, admission: Admission, event: UsageEvent) -> bool:
+    async def settle(self, admission: Admission | None, event: UsageEvent) -> bool:
         return await settle_event(self.redis, self.scripts, self.prefix, event)
 
 

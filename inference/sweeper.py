@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from inference import metrics, protocol
-from inference.hook import INFLIGHT_TENANTS, Scripts, keys, settle_event
+from inference.hook import INFLIGHT_TENANTS, Scripts, keys
 from inference.units import Units
 from inference.usage import UsageEvent
 
@@ -48,9 +48,8 @@ class Sweeper:
         broker = self.broker
         redis = broker.redis
         prefix = broker.settings.prefix
-        scripts = getattr(broker.hook, "scripts", None)
-        if not isinstance(scripts, Scripts):
-            return 0
+        if not isinstance(getattr(broker.hook, "scripts", None), Scripts):
+            return 0  # a hook that keeps no in-flight records
         settled = 0
         now_ms = int(time.time() * 1000)
         alive: dict[str, bool] = {broker.process_id: True}
@@ -71,7 +70,7 @@ class Sweeper:
                                          and record["stream_id"] not in mine):
                     continue
                 event = orphan_event(record, now_ms, broker.process_id)
-                if await settle_event(redis, scripts, prefix, event):
+                if await broker.hook.settle(None, event):
                     settled += 1
                     metrics.SWEPT.inc()
                     log.warning("settled stream %s of dead broker %s", event.stream_id, owner)

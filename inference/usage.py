@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,18 @@ CRASH_AFTER_COMMIT_ENV = "ENSOUL_USAGE_WRITER_CRASH_AFTER_COMMIT"
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
+SettledHook = Callable[[list["UsageEvent"]], None]
+_settled_hooks: list[SettledHook] = []
+
+
+def register_settled_hook(hook: SettledHook) -> SettledHook:
+    """``hook(events)`` runs in the writer's transaction, after the rows are inserted and before
+    the commit (billing posts the events' credits to its ledger). It must be idempotent: a batch
+    is written again after a crash before its acknowledgement."""
+    if hook not in _settled_hooks:
+        _settled_hooks.append(hook)
+    return hook
+
 
 @dataclass(slots=True, kw_only=True)
 class UsageEvent:
@@ -84,6 +96,7 @@ class UsageEvent:
     units: Units = field(default_factory=Units)
     credits: int = 0  # 0 until billing prices the units
     credit_split: dict[str, int] = field(default_factory=dict)  # source -> credits
+    grants: dict[str, int] = field(default_factory=dict)  # allowance account -> its grant
     rate_card_version: str | None = None
     ttft_ms: float | None = None  # provider's time to first token
     first_delta_ms: float | None = None  # platform receive -> first delta published
@@ -118,8 +131,10 @@ def decode(text: str | bytes) -> UsageEvent:
         raise UsageDecodeError("not a JSON object")
     units = data.get("units") or {}
     split = data.get("credit_split") or {}
-    if not isinstance(units, dict) or not isinstance(split, dict):
-        raise UsageDecodeError("units and credit_split must be objects")
+    grants = data.get("grants") or {}
+    if not isinstance(units, dict) or not isinstance(split, dict) or \
+            not isinstance(grants, dict):
+        raise UsageDecodeError("units, credit_split and grants must be objects")
     event = UsageEvent(
         tenant_id=_uuid(data, "tenant_id"),
         device_id=_uuid(data, "device_id"),
@@ -135,6 +150,7 @@ def decode(text: str | bytes) -> UsageEvent:
         units=Units(**{unit: _int(units, unit, default=0, minimum=0) for unit in UNIT_NAMES}),
         credits=_int(data, "credits", default=0),
         credit_split={str(k): _int(split, k) for k in split},
+        grants={str(k): _int(grants, k, minimum=0) for k in grants},
         rate_card_version=_optional_text(data, "rate_card_version"),
         ttft_ms=_float(data, "ttft_ms", optional=True),
         first_delta_ms=_float(data, "first_delta_ms", optional=True),
@@ -446,14 +462,15 @@ class UsageWriter:
         if not entries:
             return 0
         written_at = utcnow()
-        rows: list[tuple[Entry, dict[str, Any]]] = []
+        rows: list[tuple[Entry, UsageEvent, dict[str, Any]]] = []
         dead: list[tuple[Entry, str]] = []
         for entry in entries:
             fields = entry[2]
             if fields is None:
                 continue  # deleted while pending: nothing left to write, only to acknowledge
             try:
-                rows.append((entry, _row(decode(fields.get(FIELD.encode(), b"")), written_at)))
+                event = decode(fields.get(FIELD.encode(), b""))
+                rows.append((entry, event, _row(event, written_at)))
             except UsageDecodeError as exc:
                 dead.append((entry, str(exc)))
         try:
@@ -469,23 +486,29 @@ class UsageWriter:
         self._acknowledge(entries)
         return len(entries)
 
-    def _write(self, rows: list[tuple[Entry, dict[str, Any]]]) -> list[tuple[Entry, str]]:
-        """Insert and commit; rows the database refuses come back for the dead-letter stream."""
+    def _write(self, rows: list[tuple[Entry, UsageEvent, dict[str, Any]]]
+               ) -> list[tuple[Entry, str]]:
+        """Insert, run the settled hooks (billing's ledger) in the same transaction and commit;
+        rows the database refuses come back for the dead-letter stream."""
         if not rows:
             return []
         session = db.session
         insert = _insert(session.get_bind().dialect.name)
         try:
-            session.execute(insert, [row for _, row in rows])
+            session.execute(insert, [row for _, _, row in rows])
+            for hook in _settled_hooks:
+                hook([event for _, event, _ in rows])
             session.commit()
             return []
         except (IntegrityError, DataError):
             session.rollback()
         # One bad row fails the whole statement: find it, one transaction per row (rare).
         refused = []
-        for entry, row in rows:
+        for entry, event, row in rows:
             try:
                 session.execute(insert, [row])
+                for hook in _settled_hooks:
+                    hook([event])
                 session.commit()
             except (IntegrityError, DataError) as exc:
                 session.rollback()

@@ -69,14 +69,16 @@ def run(loop: asyncio.AbstractEventLoop) -> Callable[[Coroutine[Any, Any, T]], T
 @pytest.fixture
 def platform(committed_app: Any, inference_mosquitto: MosquittoInstance,
              monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The app on this suite's Mosquitto, a fast local provider, generous limits."""
+    """The app on this suite's Mosquitto, a fast local provider, generous limits, and the
+    broker's limits-only hook (billing's tests run the credit hook: tests/billing)."""
     for key, value in inference_mosquitto.platform_config().items():
         monkeypatch.setitem(committed_app.config, key, value)
     for key, value in {"ENSOUL_LOCAL_TTFT_MS": 0.0, "ENSOUL_LOCAL_TOKENS_PER_SECOND": 0.0,
                        "ENSOUL_LOCAL_ANSWER_TOKENS": 12,
                        "ENSOUL_INFERENCE_REQUESTS_PER_MINUTE": 1000,
                        "ENSOUL_INFERENCE_CONCURRENT_STREAMS": 4,
-                       "ENSOUL_INFERENCE_CHECKPOINT_MS": 100}.items():
+                       "ENSOUL_INFERENCE_CHECKPOINT_MS": 100,
+                       "ENSOUL_BILLING_HOOK": ""}.items():
         monkeypatch.setitem(committed_app.config, key, value)
     return committed_app
 

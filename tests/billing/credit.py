@@ -1,0 +1,103 @@
+"""A tenant set up for credit enforcement through the real services (committed, projected to
+Redis), and the credit hook on the test Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from flask import current_app
+
+from billing import catalog, purchases
+from billing.enforcement import CreditHook
+from billing.models import BillingPolicy, CreditPackage, Plan
+from core.db import db
+from core.redis import connect_async
+from fleet import services
+from fleet.models import Device, HardwareKind
+from inference.directory import DeviceProfile, build_profiles
+from inference.units import Units
+from inference.usage import UsageEvent
+from tests.billing.helpers import make_offer, make_plan
+from tests.factories import TenantFactory
+
+T = TypeVar("T")
+
+# 1 credit per 100 output tokens, per 1,000 input tokens, per 10 s of audio either way.
+RATES = {"output_tokens": (100, 1), "input_tokens": (1000, 1), "audio_in_ms": (10_000, 1),
+         "audio_out_ms": (10_000, 1)}
+CHUNK = Units(output_tokens=50, audio_in_ms=1000, audio_out_ms=1000)
+
+
+@dataclass
+class Billed:
+    tenant_id: uuid.UUID
+    plan: Plan
+    devices: list[Device]
+
+    def profile(self, index: int = 0) -> DeviceProfile:
+        [profile] = build_profiles(db.session, self.tenant_id, [self.devices[index].id])
+        return profile
+
+
+def billed_tenant(*, devices: int = 1, seats: int | None = None, allowance: int = 0,
+                  rates: dict[str, tuple[int, int]] | None = None, **plan: Any) -> Billed:
+    tenant = TenantFactory()
+    plan_row = make_plan(allowance_credits=allowance, requests_per_minute=100_000,
+                         concurrent_streams=1000, **plan)
+    catalog.publish_rate_card(plan_row, rates or RATES)
+    product, _ = services.create_product(tenant.id, f"Bear {uuid.uuid4().hex[:6]}",
+                                         HardwareKind.TOY)
+    product.requests_per_minute = None
+    if seats is None:
+        seats = devices
+    if seats:
+        purchases.mark_paid(purchases.order_pack(tenant.id, "EUR", plan_row.id, seats))
+    made = []
+    for _ in range(devices):
+        device = services.create_device(product, f"SN-{uuid.uuid4().hex[:12]}")
+        services.issue_credentials(device)
+        services.activate(device)
+        made.append(device)
+    db.session.commit()
+    current_app.config["ENSOUL_INFERENCE_REQUESTS_PER_MINUTE"] = 100_000
+    current_app.config["ENSOUL_INFERENCE_CONCURRENT_STREAMS"] = 1000
+    return Billed(tenant.id, plan_row, made)
+
+
+def buy_package(tenant_id: uuid.UUID, credits: int, *, days: int = 90) -> CreditPackage:
+    purchase = purchases.order_package(tenant_id, "EUR", make_offer(credits, days).id, 1)
+    purchases.mark_paid(purchase)
+    db.session.commit()
+    return db.session.query(CreditPackage).filter_by(purchase_id=purchase.id).one()
+
+
+def allow_overage(tenant_id: uuid.UUID, cap: int | None) -> None:
+    db.session.add(BillingPolicy(tenant_id=tenant_id, overage_allowed=True,
+                                 overage_cap_credits=cap))
+    db.session.commit()
+
+
+def run(scenario: Callable[[CreditHook], Coroutine[Any, Any, T]]) -> T:
+    """``scenario(hook)`` with a credit hook on its own Redis client."""
+    async def with_hook() -> T:
+        redis = connect_async(current_app.config["REDIS_URL"])
+        try:
+            return await scenario(CreditHook(redis, current_app.config["ENSOUL_REDIS_PREFIX"],
+                                             chunk=CHUNK))
+        finally:
+            await redis.aclose()
+    return asyncio.run(with_hook())
+
+
+def event_for(admission: Any, units: Units, *, finish: str = "stop") -> UsageEvent:
+    device = admission.device
+    return UsageEvent(
+        tenant_id=device.tenant_id, device_id=device.device_id, product_id=device.product_id,
+        request_id=admission.request_id, admitted_at_ms=admission.admitted_at_ms,
+        settled_at_ms=admission.admitted_at_ms + 100, stream_id=admission.stream_id,
+        kind=admission.kind, provider="local", model="m", units=units, duration_ms=100.0,
+        finish=finish, broker="test")
