@@ -260,3 +260,9 @@ class Scripts:
                 if attempt == 2:
                     raise
                 await self.load(redis)
+
+
+def limits_only(app: Any, redis: Redis) -> LimitsHook:
+    """``ENSOUL_BILLING_HOOK = "inference.hook:limits_only"``: the broker without billing."""
+    return LimitsHook(redis, app.config["ENSOUL_REDIS_PREFIX"],
+                      dedup_window=int(app.config["ENSOUL_INFERENCE_DEDUP_HOURS"]) * 3600)

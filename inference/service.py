@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def make_hook(app: Flask, redis: Any) -> BillingHook:
-    """``ENSOUL_BILLING_HOOK`` names a factory ``module:function(app, redis)``; the default
-    enforces limits only."""
+    """``ENSOUL_BILLING_HOOK`` names a factory ``module:function(app, redis)``: billing's credit
+    hook by default (``config/settings.py``), ``inference.hook:limits_only`` for limits alone."""
     spec = app.config.get("ENSOUL_BILLING_HOOK")
     if spec:
         module, _, func = spec.partition(":")

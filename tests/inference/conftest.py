@@ -78,7 +78,7 @@ def platform(committed_app: Any, inference_mosquitto: MosquittoInstance,
                        "ENSOUL_INFERENCE_REQUESTS_PER_MINUTE": 1000,
                        "ENSOUL_INFERENCE_CONCURRENT_STREAMS": 4,
                        "ENSOUL_INFERENCE_CHECKPOINT_MS": 100,
-                       "ENSOUL_BILLING_HOOK": ""}.items():
+                       "ENSOUL_BILLING_HOOK": "inference.hook:limits_only"}.items():
         monkeypatch.setitem(committed_app.config, key, value)
     return committed_app
 

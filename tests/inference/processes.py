@@ -39,7 +39,8 @@ def broker_env(app: Any, mqtt_url: str, *, redis_url: str | None = None,
            "ENSOUL_REDIS_PREFIX": config["ENSOUL_REDIS_PREFIX"], "ENSOUL_LOG_JSON": "1",
            "ENSOUL_INFERENCE_CHECKPOINT_MS": "100",
            "ENSOUL_LOCAL_TTFT_MS": "0", "ENSOUL_LOCAL_TOKENS_PER_SECOND": "0",
-           "ENSOUL_LOCAL_ANSWER_TOKENS": "12"}
+           "ENSOUL_LOCAL_ANSWER_TOKENS": "12",
+           "ENSOUL_BILLING_HOOK": "inference.hook:limits_only"}  # as in the in-process tests
     env.update({key: str(value) for key, value in settings.items()})
     return env
 
