@@ -4,6 +4,8 @@ from portal import (  # noqa: F401 - imported for the routes they add to the blu
     admin_views,
     audit_views,
     auth_views,
+    billing_labels,
+    billing_views,
     claim_views,
     device_views,
     fleet_views,
@@ -15,6 +17,7 @@ from portal import (  # noqa: F401 - imported for the routes they add to the blu
     team_views,
     token_views,
     two_factor_views,
+    usage_views,
     vendor,
 )
 from portal.blueprint import bp
