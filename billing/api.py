@@ -11,9 +11,10 @@ from sqlalchemy import select
 
 from accounts import permissions as perm
 from accounts.auth import current_tenant, require
-from billing import licences, purchases, schemas
-from billing.models import LicencePack, PackageOffer, Plan, Purchase
+from billing import ledger, licences, policy, purchases, schemas
+from billing.models import CreditPackage, LicencePack, PackageOffer, Plan, Purchase
 from core.api import api_blueprint
+from core.db import utcnow
 from core.idempotency import idempotent
 from core.pagination import PageArgsSchema, paginate
 from core.tenancy import get_owned, owned_resource, scoped
@@ -124,3 +125,37 @@ def device_licence(device_id: str) -> Any:
             "starts_at": licence.starts_at, "ends_at": licence.ends_at,
             "grace_ends_at": licence.grace_ends_at}
 
+
+
+@blp.route("/billing/packages", methods=["GET"])
+@require(perm.BILLING_READ)
+@blp.arguments(PageArgsSchema, location="query")
+@blp.response(200, schemas.PackagePage)
+def list_packages(args: dict[str, Any]) -> Any:
+    """The tenant's credit packages with what the ledger says is left, newest first."""
+    page = paginate(scoped(CreditPackage), CreditPackage.id, args, newest_first=True)
+    tenant = current_tenant()
+    now = utcnow()
+    balances = ledger.balances(tenant.id, "package:")
+    page["items"] = [{"id": p.id, "name": p.name, "purchase_id": p.purchase_id,
+                      "credits": p.credits,
+                      "balance": balances.get(ledger.package_account(p.id), 0),
+                      "starts_at": p.starts_at, "expires_at": p.expires_at,
+                      "expired": p.expires_at <= now} for p in page["items"]]
+    return page
+
+
+@blp.route("/billing/policy", methods=["GET"])
+@require(perm.BILLING_READ)
+@blp.response(200, schemas.PolicyOut)
+def get_policy() -> Any:
+    return policy.get_policy(current_tenant().id)
+
+
+@blp.route("/billing/policy", methods=["PUT"])
+@require(perm.BILLING_WRITE)
+@blp.arguments(schemas.PolicyIn)
+@blp.response(200, schemas.PolicyOut)
+def put_policy(data: dict[str, Any]) -> Any:
+    """Overage and its monthly cap take effect on the devices' next requests."""
+    return policy.set_policy(current_tenant().id, **data)

@@ -100,7 +100,35 @@ class DeviceLicenceOut(ma.Schema):
     grace_ends_at = ma.fields.AwareDateTime(required=True, allow_none=True)
 
 
+class PolicyIn(ma.Schema):
+    overage_allowed = ma.fields.Boolean(required=True, metadata={
+        "description": "Whether requests may use credits past allowance and packages, billed "
+                       "in arrears at the rate card's overage price."})
+    overage_cap_credits = ma.fields.Integer(
+        load_default=None, allow_none=True, validate=ma.validate.Range(min=0, max=2**40),
+        metadata={"description": "Overage credits allowed per calendar month; null: no cap."})
+    auto_renew = ma.fields.Boolean(load_default=False)
+
+
+class PolicyOut(PolicyIn):
+    pass
+
+
+class PackageOut(ma.Schema):
+    id = ma.fields.UUID(required=True)
+    name = ma.fields.String(required=True)
+    purchase_id = ma.fields.UUID(required=True, allow_none=True)
+    credits = ma.fields.Integer(required=True, metadata={"description": "As bought."})
+    balance = ma.fields.Integer(required=True, metadata={
+        "description": "What the ledger says is left (settled usage only; streams in flight "
+                       "hold a little more)."})
+    starts_at = ma.fields.AwareDateTime(required=True)
+    expires_at = ma.fields.AwareDateTime(required=True)
+    expired = ma.fields.Boolean(required=True)
+
+
 PlanPage = page_schema(PlanOut, "PlanPage")
+PackagePage = page_schema(PackageOut, "PackagePage")
 PackageOfferPage = page_schema(PackageOfferOut, "PackageOfferPage")
 PurchasePage = page_schema(PurchaseOut, "PurchasePage")
 LicencePackPage = page_schema(LicencePackOut, "LicencePackPage")

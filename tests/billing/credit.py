@@ -22,7 +22,7 @@ from inference.directory import DeviceProfile, build_profiles
 from inference.units import Units
 from inference.usage import UsageEvent
 from tests.billing.helpers import make_offer, make_plan
-from tests.factories import TenantFactory
+from tests.factories import tenant_with_owner
 
 T = TypeVar("T")
 
@@ -37,6 +37,7 @@ class Billed:
     tenant_id: uuid.UUID
     plan: Plan
     devices: list[Device]
+    headers: dict[str, str]  # an owner's write token
 
     def profile(self, index: int = 0) -> DeviceProfile:
         [profile] = build_profiles(db.session, self.tenant_id, [self.devices[index].id])
@@ -45,7 +46,8 @@ class Billed:
 
 def billed_tenant(*, devices: int = 1, seats: int | None = None, allowance: int = 0,
                   rates: dict[str, tuple[int, int]] | None = None, **plan: Any) -> Billed:
-    tenant = TenantFactory()
+    setup = tenant_with_owner()
+    tenant = setup.tenant
     plan_row = make_plan(allowance_credits=allowance, requests_per_minute=100_000,
                          concurrent_streams=1000, **plan)
     catalog.publish_rate_card(plan_row, rates or RATES)
@@ -65,7 +67,7 @@ def billed_tenant(*, devices: int = 1, seats: int | None = None, allowance: int 
     db.session.commit()
     current_app.config["ENSOUL_INFERENCE_REQUESTS_PER_MINUTE"] = 100_000
     current_app.config["ENSOUL_INFERENCE_CONCURRENT_STREAMS"] = 1000
-    return Billed(tenant.id, plan_row, made)
+    return Billed(tenant.id, plan_row, made, setup.headers)
 
 
 def buy_package(tenant_id: uuid.UUID, credits: int, *, days: int = 90) -> CreditPackage:

@@ -37,6 +37,11 @@ ENDPOINTS = {
     (f"{PURCHASE}/cancel", "POST"): Endpoint(WRITE, BUYERS, {}),
     ("/api/v1/billing/licence-packs", "GET"): Endpoint(READ, ALL_ROLES),
     ("/api/v1/devices/<device_id>/licence", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/billing/packages", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/billing/policy", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/billing/policy", "PUT"): Endpoint(WRITE, BUYERS,
+                                                {"overage_allowed": True,
+                                                 "overage_cap_credits": 100}),
 }
 
 
