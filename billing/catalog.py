@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from accounts import services as accounts
 from billing.models import (
     MODALITIES,
+    DeviceLicence,
     OveragePrice,
     PackageOffer,
     PackageOfferPrice,
@@ -96,10 +97,24 @@ def publish_rate_card(plan: Plan, rates: Mapping[str, tuple[int, int]], *,
                            for c, p in sorted((overage_prices or {}).items())]
     db.session.add(card)
     db.session.flush()
+    _reproject_plan(plan.id)
     accounts.record_audit("rate_card.publish", tenant_id=None, target=card,
                           details={"plan": plan.code, "version": version,
                                    "effective_from": starts.isoformat()})
     return card
+
+
+def _reproject_plan(plan_id: uuid.UUID) -> None:
+    """The devices licensed on the plan carry its current and next card in their profiles."""
+    from fleet.access import devices_changed
+
+    by_tenant: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for tenant_id, device_id in db.session.execute(
+            select(DeviceLicence.tenant_id, DeviceLicence.device_id)
+            .where(DeviceLicence.plan_id == plan_id).distinct()):
+        by_tenant.setdefault(tenant_id, []).append(device_id)
+    for tenant_id, device_ids in by_tenant.items():
+        devices_changed(tenant_id, device_ids)
 
 
 def rate_card_at(plan_id: uuid.UUID, moment: dt.datetime) -> RateCard | None:

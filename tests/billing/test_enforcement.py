@@ -12,12 +12,13 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from billing import ledger
-from billing.enforcement import CreditHook, billing_keys
+from billing import catalog, ledger
+from billing.enforcement import CreditHook, billing_keys, rates_at
 from billing.models import DeviceLicence
 from billing.profiles import prorated_allowance
 from core.db import db, utcnow
 from core.redis import get_redis
+from inference.directory import DeviceProfile, profile_key
 from inference.hook import Refused
 from inference.units import Units
 from inference.usage import UsageEvent, UsageWriter, usage_stream
@@ -260,3 +261,18 @@ def test_concurrent_streams_overdraw_at_most_one_chunk_each(committed_app: Any,
     assert live(billed)[ledger.package_account(package.id)] == 0
     drain(committed_app)
     assert ledger.balance(billed.tenant_id, ledger.package_account(package.id)) == 0
+
+
+def test_a_rate_card_published_for_later_reaches_the_profiles_and_applies_from_its_start(
+        ) -> None:
+    billed = billed_tenant()
+    later = utcnow() + dt.timedelta(hours=1)
+    catalog.publish_rate_card(billed.plan, {"output_tokens": (100, 2)}, effective_from=later)
+    db.session.commit()  # after commit: the plan's devices are projected again
+    raw = get_redis().get(profile_key(_prefix(), str(billed.tenant_id),
+                                      str(billed.devices[0].id)))
+    licence = DeviceProfile.from_json(raw).licence
+    assert licence["next_rates"]["rates"] == {"output_tokens": [100, 2]}
+    starts = later.replace(tzinfo=dt.UTC).timestamp()
+    assert rates_at(licence, starts - 1)[1]["output_tokens"] == (100, 1)
+    assert rates_at(licence, starts)[1] == {"output_tokens": (100, 2)}
