@@ -375,6 +375,8 @@ class Bench:
             "ENSOUL_REDIS_PREFIX": self.prefix, "ENSOUL_LOCAL_TTFT_MS": 0,
             "ENSOUL_LOCAL_TOKENS_PER_SECOND": rate,
             "ENSOUL_LOCAL_ANSWER_TOKENS": self.args.deltas,
+            # The broker alone: billing's hook is measured by bench.billing_hook.
+            "ENSOUL_BILLING_HOOK": "inference.hook:limits_only",
             "ENSOUL_INFERENCE_COALESCE_MS": coalesce_ms,
             "ENSOUL_INFERENCE_DEVICE_MESSAGES_PER_SECOND": 1_000_000,
             **LIMITS, **mosquitto_settings(self.server),
