@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from accounts import permissions as perm
 from accounts.auth import current_tenant, require
-from billing import ledger, licences, policy, purchases, schemas
+from billing import costs, ledger, licences, policy, purchases, schemas
 from billing.models import CreditPackage, LicencePack, PackageOffer, Plan, Purchase
 from core.api import api_blueprint
 from core.db import utcnow
@@ -159,3 +159,28 @@ def get_policy() -> Any:
 def put_policy(data: dict[str, Any]) -> Any:
     """Overage and its monthly cap take effect on the devices' next requests."""
     return policy.set_policy(current_tenant().id, **data)
+
+
+@blp.route("/devices/<device_id>/licence/renew", methods=["POST"])
+@owned_resource(Device)
+@require(perm.BILLING_WRITE)
+@blp.response(201, schemas.DeviceLicenceOut)
+def renew_licence(device_id: str) -> Any:
+    """A new seat for the device, starting where its live licence ends (or now, when it has
+    none). `409` without a free seat, or when a renewal is already waiting."""
+    device = get_owned(Device, device_id)
+    licence = licences.renew(device.tenant_id, device.id)
+    return {"licensed": True, "plan_id": licence.plan_id, "pack_id": licence.pack_id,
+            "starts_at": licence.starts_at, "ends_at": licence.ends_at,
+            "grace_ends_at": licence.grace_ends_at}
+
+
+@blp.route("/devices/<device_id>/cost", methods=["GET"])
+@owned_resource(Device)
+@require(perm.BILLING_READ)
+@blp.response(200, schemas.DeviceCostOut)
+def device_cost(device_id: str) -> Any:
+    """Credits this month, their money value and the forecast to month end."""
+    device = get_owned(Device, device_id)
+    tenant = current_tenant()
+    return costs.device_cost(device.id, tenant.timezone, tenant.currency)

@@ -23,6 +23,7 @@ from typing import Any
 
 from dateutil.relativedelta import relativedelta
 from sqlalchemy import Exists, exists, insert, select
+from sqlalchemy.orm import aliased
 
 from billing.models import DeviceLicence, LicencePack
 from core.db import db, utcnow
@@ -140,3 +141,58 @@ def assign_new(tenant_id: uuid.UUID, device_ids: list[uuid.UUID], *,
         db.session.execute(insert(DeviceLicence), rows)
     db.session.flush()
     return len(rows)
+
+
+def renewal_of(licence: DeviceLicence) -> DeviceLicence | None:
+    return db.session.scalars(select(DeviceLicence).where(
+        DeviceLicence.renews_id == licence.id).limit(1)).first()
+
+
+def renew(tenant_id: uuid.UUID, device_id: uuid.UUID, *, at: dt.datetime | None = None,
+          actor: str = "api") -> DeviceLicence:
+    """A new seat for the device: starting where its live licence ends (or now, when it has
+    none). One renewal ahead at most; ``Conflict`` without a free seat."""
+    from accounts import services as accounts
+    from core.errors import Conflict
+    from fleet.access import devices_changed
+
+    moment = at or utcnow()
+    current = current_licence(device_id, moment)
+    if current is not None and renewal_of(current) is not None:
+        raise Conflict("The licence is already renewed.")
+    licence = assign(tenant_id, device_id, at=moment, renews=current)
+    if licence is None:
+        raise Conflict("No free seat: buy a licence pack first.")
+    accounts.record_audit("licence.renew", tenant_id=tenant_id, target=licence,
+                          details={"device_id": str(device_id), "actor": actor,
+                                   "renews": str(current.id) if current else None})
+    devices_changed(tenant_id, [device_id])
+    return licence
+
+
+AUTO_RENEW_DAYS = 7
+
+
+def auto_renew(at: dt.datetime | None = None) -> int:
+    """Renew the licences ending within :data:`AUTO_RENEW_DAYS` of tenants that chose
+    automatic renewal, while seats last; returns how many were renewed."""
+    from billing.models import BillingPolicy
+    from core.errors import Conflict
+
+    moment = at or utcnow()
+    renewed = 0
+    renewal = aliased(DeviceLicence)
+    due = db.session.execute(
+        select(DeviceLicence.tenant_id, DeviceLicence.device_id, DeviceLicence.id)
+        .join(BillingPolicy, BillingPolicy.tenant_id == DeviceLicence.tenant_id)
+        .where(BillingPolicy.auto_renew.is_(True), DeviceLicence.ends_at > moment,
+               DeviceLicence.ends_at <= moment + dt.timedelta(days=AUTO_RENEW_DAYS),
+               ~exists().where(renewal.renews_id == DeviceLicence.id))).all()
+    for tenant_id, device_id, _ in due:
+        try:
+            with db.session.begin_nested():
+                renew(tenant_id, device_id, at=moment, actor="auto-renew")
+            renewed += 1
+        except Conflict:
+            log.info("auto-renewal of device %s: no free seat", device_id)
+    return renewed

@@ -127,6 +127,20 @@ class PackageOut(ma.Schema):
     expired = ma.fields.Boolean(required=True)
 
 
+class DeviceCostOut(ma.Schema):
+    month = ma.fields.String(required=True, metadata={
+        "description": "The tenant's calendar month, YYYY-MM."})
+    credits = ma.fields.Integer(required=True, metadata={
+        "description": "Credits of the requests admitted this month (settled ones)."})
+    forecast_credits = ma.fields.Integer(required=True, metadata={
+        "description": "This month's daily average carried to its last day."})
+    currency = ma.fields.String(required=True)
+    money_minor = ma.fields.Decimal(required=True, allow_none=True, as_string=True, metadata={
+        "description": "The credits' value in minor units at the plan's credit value (exact, "
+                       "two decimals of a minor unit); null without a licence."})
+    forecast_money_minor = ma.fields.Decimal(required=True, allow_none=True, as_string=True)
+
+
 PlanPage = page_schema(PlanOut, "PlanPage")
 PackagePage = page_schema(PackageOut, "PackagePage")
 PackageOfferPage = page_schema(PackageOfferOut, "PackageOfferPage")

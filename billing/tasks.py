@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from billing import balances
+from billing import balances, licences
 from core.db import db
 from core.queue import app_job
 
@@ -36,5 +36,18 @@ def reconcile_balances() -> int:
     return differing
 
 
+@app_job
+def auto_renew_licences() -> int:
+    return licences.auto_renew()
+
+
+AUTO_RENEW_SECONDS = 3600
+
+
 def periodic_jobs(config: Mapping[str, Any]) -> list[tuple[int, Callable[[], Any]]]:
-    return [(EXPIRE_SECONDS, expire_packages), (RECONCILE_SECONDS, reconcile_balances)]
+    from billing import notification_tasks as notices
+
+    return [(EXPIRE_SECONDS, expire_packages), (RECONCILE_SECONDS, reconcile_balances),
+            (notices.CHECK_SECONDS, notices.check_notifications),
+            (notices.LICENCES_SECONDS, notices.check_licences_ending),
+            (notices.DISPATCH_SECONDS, notices.dispatch_webhooks)]

@@ -150,6 +150,11 @@ class DeviceRequestOut(ma.Schema):
     images = ma.fields.Integer(required=True)
     tool_calls = ma.fields.Integer(required=True)
     credits = ma.fields.Integer(required=True)
+    credit_split = ma.fields.Dict(keys=ma.fields.String(), values=ma.fields.Integer(),
+                                  required=True, metadata={
+        "description": "Where the credits came from: allowance, package or overage account "
+                       "-> credits (docs/billing.md)."})
+    rate_card_version = ma.fields.String(required=True, allow_none=True)
     finish = ma.fields.String(required=True, metadata={
         "description": "stop, length, abort, quota_exhausted or error"})
     error_code = ma.fields.String(required=True, allow_none=True)

@@ -6,9 +6,10 @@ from typing import Any
 
 from accounts.models import Role, Tenant
 from billing import purchases
-from billing.models import Purchase
+from billing.models import Notification, Purchase, WebhookDelivery
 from core.db import db
 from tests.billing.helpers import make_offer, make_plan
+from tests.billing.webhook_helpers import make_delivery, make_notification, with_endpoint
 from tests.core.endpoints import ALL_ROLES, Endpoint
 
 READ = "billing:read"
@@ -26,6 +27,8 @@ def _package_order(tenant: Tenant) -> dict[str, Any]:
 
 
 PURCHASE = "/api/v1/billing/purchases/<purchase_id>"
+WEBHOOK = "/api/v1/billing/webhook"
+PUBLIC_URL = "https://93.184.215.14/ensoul"  # a public address: no DNS needed
 
 ENDPOINTS = {
     ("/api/v1/billing/plans", "GET"): Endpoint(READ, ALL_ROLES),
@@ -38,10 +41,24 @@ ENDPOINTS = {
     ("/api/v1/billing/licence-packs", "GET"): Endpoint(READ, ALL_ROLES),
     ("/api/v1/devices/<device_id>/licence", "GET"): Endpoint(READ, ALL_ROLES),
     ("/api/v1/billing/packages", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/devices/<device_id>/cost", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/devices/<device_id>/licence/renew", "POST"): Endpoint(WRITE, BUYERS, {}),
     ("/api/v1/billing/policy", "GET"): Endpoint(READ, ALL_ROLES),
     ("/api/v1/billing/policy", "PUT"): Endpoint(WRITE, BUYERS,
                                                 {"overage_allowed": True,
                                                  "overage_cap_credits": 100}),
+    ("/api/v1/billing/notifications", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/billing/notifications/<notification_id>/read", "POST"): Endpoint(WRITE, BUYERS,
+                                                                                {}),
+    # The webhook's own endpoints answer 404 until it exists: their "body" configures it.
+    (WEBHOOK, "GET"): Endpoint(READ, ALL_ROLES, with_endpoint()),
+    (WEBHOOK, "PUT"): Endpoint(WRITE, BUYERS, {"url": PUBLIC_URL}),
+    (WEBHOOK, "DELETE"): Endpoint(WRITE, BUYERS, with_endpoint()),
+    (f"{WEBHOOK}/rotate-secret", "POST"): Endpoint(WRITE, BUYERS, with_endpoint({})),
+    (f"{WEBHOOK}/test", "POST"): Endpoint(WRITE, BUYERS, with_endpoint({})),
+    (f"{WEBHOOK}/deliveries", "GET"): Endpoint(READ, ALL_ROLES),
+    (f"{WEBHOOK}/deliveries/<delivery_id>", "GET"): Endpoint(READ, ALL_ROLES),
+    (f"{WEBHOOK}/deliveries/<delivery_id>/retry", "POST"): Endpoint(WRITE, BUYERS, {}),
 }
 
 
@@ -54,4 +71,6 @@ def _purchase(tenant: Tenant) -> Purchase:
 
 CREATORS: dict[type, Any] = {
     Purchase: _purchase,
+    Notification: make_notification,
+    WebhookDelivery: make_delivery,
 }
