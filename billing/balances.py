@@ -277,3 +277,26 @@ def rebuild_all() -> tuple[int, int]:
         else:
             busy += 1
     return done, busy
+
+
+def prune_allowances(tenant_id: uuid.UUID) -> int:
+    """Forget in Redis the allowances of months before the previous one (no stream can still
+    reserve from them; their figures stay in the ledger). Returns how many were dropped."""
+    from accounts.models import Tenant
+
+    tenant = db.session.get(Tenant, tenant_id)
+    if tenant is None:
+        return 0
+    now = utcnow()
+    keep = {_month(tenant.timezone, now), _month(tenant.timezone, now - dt.timedelta(days=31))}
+    k = _keys(tenant_id)
+    redis = get_redis()
+    old = [account for account, _ in redis.hscan_iter(k["acct"], match="allowance:*")
+           if (account.decode() if isinstance(account, bytes) else account).rsplit(":", 1)[1]
+           not in keep]
+    if old:
+        pipe = redis.pipeline(transaction=True)
+        pipe.hdel(k["acct"], *old)
+        pipe.hdel(k["grants"], *old)
+        pipe.execute()
+    return len(old)

@@ -25,12 +25,13 @@ def expire_packages() -> int:
 
 @app_job
 def reconcile_balances() -> int:
-    """Report (in the log) every account whose Redis balance differs from the ledger; repair
-    only with ``flask billing-reconcile --repair``."""
+    """Report (in the log) every account whose Redis balance differs from the ledger (repair
+    only with ``flask billing-reconcile --repair``); forget allowances of past months."""
     from accounts.models import Tenant
 
     differing = 0
     for tenant_id in list(db.session.scalars(select(Tenant.id))):
+        balances.prune_allowances(tenant_id)
         differences, _ = balances.reconcile(tenant_id)
         differing += len(differences)
     return differing

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from billing import catalog, ledger
+from billing import balances, catalog, ledger
 from billing.enforcement import CreditHook, billing_keys, rates_at
 from billing.models import DeviceLicence
 from billing.profiles import prorated_allowance
@@ -276,3 +276,15 @@ def test_a_rate_card_published_for_later_reaches_the_profiles_and_applies_from_i
     starts = later.replace(tzinfo=dt.UTC).timestamp()
     assert rates_at(licence, starts - 1)[1]["output_tokens"] == (100, 1)
     assert rates_at(licence, starts)[1] == {"output_tokens": (100, 2)}
+
+
+def test_allowances_of_months_before_the_previous_one_are_forgotten_in_redis() -> None:
+    billed = billed_tenant(allowance=5)
+    k = billing_keys(_prefix(), str(billed.tenant_id))
+    device = billed.devices[0].id
+    get_redis().hset(k["acct"], mapping={f"allowance:{device}:2020-01": 3,
+                                         f"allowance:{device}:{utcnow():%Y-%m}": 5})
+    get_redis().hset(k["grants"], f"allowance:{device}:2020-01", 5)
+    assert balances.prune_allowances(billed.tenant_id) == 1
+    assert set(live(billed)) == {f"allowance:{device}:{utcnow():%Y-%m}"}
+    assert not get_redis().hexists(k["grants"], f"allowance:{device}:2020-01")
