@@ -5,13 +5,14 @@ licence packs and a device's licence. Marking a purchase paid is a platform admi
 from __future__ import annotations
 
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from flask import g
 from sqlalchemy import select
 
 from accounts import permissions as perm
 from accounts.auth import current_tenant, require
-from billing import costs, ledger, licences, policy, purchases, schemas
+from billing import costs, ledger, licences, policy, postpaid, purchases, schemas
 from billing.models import CreditPackage, LicencePack, PackageOffer, Plan, Purchase
 from core.api import api_blueprint
 from core.db import utcnow
@@ -184,3 +185,15 @@ def device_cost(device_id: str) -> Any:
     device = get_owned(Device, device_id)
     tenant = current_tenant()
     return costs.device_cost(device.id, tenant.timezone, tenant.currency)
+
+
+@blp.route("/billing/statement", methods=["GET"])
+@require(perm.BILLING_READ)
+@blp.arguments(schemas.StatementArgs, location="query")
+@blp.response(200, schemas.StatementOut)
+def month_statement(args: dict[str, Any]) -> Any:
+    """What a month (`?month=YYYY-MM`, the tenant's calendar; default this month, so far)
+    bills in arrears: postpaid device-days and overage."""
+    tenant = current_tenant()
+    month = args.get("month") or utcnow().astimezone(ZoneInfo(tenant.timezone)).strftime("%Y-%m")
+    return postpaid.statement(tenant.id, month, tenant.timezone, tenant.currency)

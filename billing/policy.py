@@ -18,14 +18,24 @@ def get_policy(tenant_id: uuid.UUID) -> BillingPolicy:
     """The tenant's policy (the defaults, unsaved, when it never set one)."""
     policy = db.session.scalar(select(BillingPolicy).where(BillingPolicy.tenant_id == tenant_id))
     return policy or BillingPolicy(tenant_id=tenant_id, overage_allowed=False,
-                                   overage_cap_credits=None, auto_renew=False)
+                                   overage_cap_credits=None, auto_renew=False,
+                                   postpaid_plan_id=None)
 
 
 def set_policy(tenant_id: uuid.UUID, *, overage_allowed: bool, overage_cap_credits: int | None,
-               auto_renew: bool) -> BillingPolicy:
+               auto_renew: bool, postpaid_plan_id: uuid.UUID | None = None) -> BillingPolicy:
+    from accounts.models import Tenant
+    from billing.postpaid import check_postpaid_plan
+
+    if postpaid_plan_id is not None:
+        tenant = db.session.get(Tenant, tenant_id)
+        assert tenant is not None
+        check_postpaid_plan(postpaid_plan_id, tenant.currency)
     policy = get_policy(tenant_id)
     before = {"overage_allowed": policy.overage_allowed,
-              "overage_cap_credits": policy.overage_cap_credits}
+              "overage_cap_credits": policy.overage_cap_credits,
+              "postpaid_plan_id": str(policy.postpaid_plan_id or "") or None}
+    policy.postpaid_plan_id = postpaid_plan_id
     policy.overage_allowed = overage_allowed
     policy.overage_cap_credits = overage_cap_credits
     policy.auto_renew = auto_renew
@@ -34,8 +44,9 @@ def set_policy(tenant_id: uuid.UUID, *, overage_allowed: bool, overage_cap_credi
     accounts.record_audit("billing_policy.update", tenant_id=tenant_id, target=policy,
                           details={"before": before, "overage_allowed": overage_allowed,
                                    "overage_cap_credits": overage_cap_credits,
-                                   "auto_renew": auto_renew})
-    # Every device's profile carries the overage limit the credit hook applies.
+                                   "auto_renew": auto_renew,
+                                   "postpaid_plan_id": str(postpaid_plan_id or "") or None})
+    # Every device's profile carries the overage limit and licence the credit hook applies.
     devices_changed(tenant_id, db.session.scalars(
         select(Device.id).where(Device.tenant_id == tenant_id)))
     return policy

@@ -22,8 +22,10 @@ from sqlalchemy.orm import Session
 from billing.models import BillingPolicy, DeviceLicence, Plan, RateCard
 from billing.pricing import RateTable
 from core.db import utcnow
+from fleet.models import Device
 
 NO_OVERAGE = -1
+POSTPAID_UNTIL = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)  # a postpaid licence has no term
 UNCAPPED_OVERAGE = 2**50
 
 
@@ -84,10 +86,22 @@ def licence_parts(session: Session, tenant_id: uuid.UUID, device_ids: list[uuid.
     cards = _cards(session, plans, now)
     policy = session.scalar(select(BillingPolicy).where(BillingPolicy.tenant_id == tenant_id))
     limit = overage_limit(policy)
+    postpaid = session.get(Plan, policy.postpaid_plan_id) \
+        if policy is not None and policy.postpaid_plan_id is not None else None
+    if postpaid is not None:
+        cards.update(_cards(session, [postpaid.id], now))
+    activated = {device_id: at for device_id, at in session.execute(
+        select(Device.id, Device.activated_at).where(Device.id.in_(device_ids)))} \
+        if postpaid is not None else {}
     parts: dict[str, dict[str, Any]] = {}
     for device_id in device_ids:
         chain = by_device.get(device_id, [])
         live = [row for row in chain if row.grace_ends_at > now]
+        if not live and postpaid is not None:  # licensed by the postpaid plan, no seat
+            starts = (activated.get(device_id) or now).astimezone(dt.UTC)
+            parts[str(device_id)] = _part(postpaid, cards[postpaid.id], starts,
+                                          POSTPAID_UNTIL, POSTPAID_UNTIL, zone, limit)
+            continue
         if not live:
             parts[str(device_id)] = {"state": "expired" if chain else "none"}
             continue
@@ -96,23 +110,29 @@ def licence_parts(session: Session, tenant_id: uuid.UUID, device_ids: list[uuid.
         for row in live[1:]:  # renewals that start before the window ends extend it
             if row.starts_at <= window_end.ends_at:
                 window_end = row
-        plan = plans[first.plan_id]
-        current, following = cards[first.plan_id]
-        start_local = first.starts_at.replace(tzinfo=dt.UTC)
-        part: dict[str, Any] = {
-            "state": "licensed", "plan": plan.code, "starts": _epoch(first.starts_at),
-            "ends": _epoch(window_end.ends_at), "grace_ends": _epoch(window_end.grace_ends_at),
-            "modalities": list(plan.modalities), "allowance": plan.allowance_credits,
-            "first_month": start_local.astimezone(zone).strftime("%Y-%m"),
-            "first_month_allowance": prorated_allowance(plan.allowance_credits, start_local,
-                                                        zone),
-            "limits": {"requests_per_minute": plan.requests_per_minute,
-                       "concurrent_streams": plan.concurrent_streams,
-                       "daily_request_cap": plan.daily_request_cap},
-            "rates": current or {"version": None, "rates": {}},
-            "overage_limit": limit,
-        }
-        if following is not None:
-            part["next_rates"] = following
-        parts[str(device_id)] = part
+        parts[str(device_id)] = _part(plans[first.plan_id], cards[first.plan_id],
+                                      first.starts_at, window_end.ends_at,
+                                      window_end.grace_ends_at, zone, limit)
     return parts
+
+
+def _part(plan: Plan, cards: tuple[dict[str, Any] | None, dict[str, Any] | None],
+          starts: dt.datetime, ends: dt.datetime, grace_ends: dt.datetime, zone: ZoneInfo,
+          limit: int) -> dict[str, Any]:
+    current, following = cards
+    start_utc = starts.replace(tzinfo=dt.UTC) if starts.tzinfo is None else starts
+    part: dict[str, Any] = {
+        "state": "licensed", "plan": plan.code, "billing": plan.billing.value,
+        "starts": _epoch(starts), "ends": _epoch(ends), "grace_ends": _epoch(grace_ends),
+        "modalities": list(plan.modalities), "allowance": plan.allowance_credits,
+        "first_month": start_utc.astimezone(zone).strftime("%Y-%m"),
+        "first_month_allowance": prorated_allowance(plan.allowance_credits, start_utc, zone),
+        "limits": {"requests_per_minute": plan.requests_per_minute,
+                   "concurrent_streams": plan.concurrent_streams,
+                   "daily_request_cap": plan.daily_request_cap},
+        "rates": current or {"version": None, "rates": {}},
+        "overage_limit": limit,
+    }
+    if following is not None:
+        part["next_rates"] = following
+    return part

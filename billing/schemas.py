@@ -108,10 +108,38 @@ class PolicyIn(ma.Schema):
         load_default=None, allow_none=True, validate=ma.validate.Range(min=0, max=2**40),
         metadata={"description": "Overage credits allowed per calendar month; null: no cap."})
     auto_renew = ma.fields.Boolean(load_default=False)
+    postpaid_plan_id = ma.fields.UUID(load_default=None, allow_none=True, metadata={
+        "description": "A postpaid plan sold in the tenant's currency: every active device "
+                       "without a seat is licensed under it and billed by device-days."})
 
 
 class PolicyOut(PolicyIn):
     pass
+
+
+class StatementArgs(ma.Schema):
+    month = ma.fields.String(load_default=None, validate=ma.validate.Regexp(
+        r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])$", error="Not YYYY-MM."))
+
+
+class StatementOut(ma.Schema):
+    month = ma.fields.String(required=True)
+    currency = ma.fields.String(required=True)
+    plan_code = ma.fields.String(required=True, allow_none=True, metadata={
+        "description": "The postpaid plan, if the tenant uses one."})
+    device_days = ma.fields.Integer(required=True, metadata={
+        "description": "Licensed device-days on the postpaid plan (so far, this month)."})
+    devices = ma.fields.Integer(required=True)
+    days_in_month = ma.fields.Integer(required=True)
+    device_month_price_minor = ma.fields.Integer(required=True, allow_none=True)
+    device_days_amount_minor = ma.fields.Integer(required=True, metadata={
+        "description": "device_days * device_month_price_minor / days_in_month, rounded "
+                       "half-even."})
+    overage_credits = ma.fields.Integer(required=True)
+    overage_credit_price_minor = ma.fields.Decimal(required=True, allow_none=True,
+                                                   as_string=True)
+    overage_amount_minor = ma.fields.Integer(required=True)
+    total_minor = ma.fields.Integer(required=True)
 
 
 class PackageOut(ma.Schema):

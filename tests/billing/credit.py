@@ -12,15 +12,16 @@ from typing import Any, TypeVar
 from flask import current_app
 
 from billing import catalog, purchases
-from billing.enforcement import CreditHook
+from billing.enforcement import CreditHook, billing_keys
 from billing.models import BillingPolicy, CreditPackage, Plan
 from core.db import db
-from core.redis import connect_async
+from core.redis import connect_async, get_redis
 from fleet import services
 from fleet.models import Device, HardwareKind
 from inference.directory import DeviceProfile, build_profiles
+from inference.hook import Admission, Refused
 from inference.units import Units
-from inference.usage import UsageEvent
+from inference.usage import UsageEvent, UsageWriter
 from tests.billing.helpers import make_offer, make_plan
 from tests.factories import tenant_with_owner
 
@@ -86,7 +87,10 @@ def allow_overage(tenant_id: uuid.UUID, cap: int | None) -> None:
 def run(scenario: Callable[[CreditHook], Coroutine[Any, Any, T]]) -> T:
     """``scenario(hook)`` with a credit hook on its own Redis client."""
     async def with_hook() -> T:
-        redis = connect_async(current_app.config["REDIS_URL"])
+        # Few connections: 200 streams wait for one rather than 200 connects at once, which a
+        # busy machine does not accept within the client's connect timeout.
+        redis = connect_async(current_app.config["REDIS_URL"], max_connections=20,
+                              socket_connect_timeout=10)
         try:
             return await scenario(CreditHook(redis, current_app.config["ENSOUL_REDIS_PREFIX"],
                                              chunk=CHUNK))
@@ -103,3 +107,52 @@ def event_for(admission: Any, units: Units, *, finish: str = "stop") -> UsageEve
         settled_at_ms=admission.admitted_at_ms + 100, stream_id=admission.stream_id,
         kind=admission.kind, provider="local", model="m", units=units, duration_ms=100.0,
         finish=finish, broker="test")
+
+
+def open_stream(hook: CreditHook, billed: Billed, *, index: int = 0, input_tokens: int = 10
+                ) -> Coroutine[Any, Any, Admission]:
+    """An admitted text request (its reservation open until it is settled)."""
+    return hook.admit(billed.profile(index), uuid.uuid4().hex, "text",
+                      Units(input_tokens=input_tokens), stream_id=f"s-{uuid.uuid4().hex}",
+                      owner="test")
+
+
+async def serve(hook: CreditHook, billed: Billed, output_tokens: int, *, index: int = 0,
+                input_tokens: int = 10, step: int = 10) -> UsageEvent:
+    """One request as the broker runs it: admitted, its output metered ``step`` tokens at a
+    time (extended whenever it passes its budget, cut when refused), then settled."""
+    admission = await open_stream(hook, billed, index=index, input_tokens=input_tokens)
+    used = Units(input_tokens=input_tokens)
+    finish = "stop"
+    try:
+        while used.output_tokens < output_tokens:
+            used = used + Units(output_tokens=min(step, output_tokens - used.output_tokens))
+            if admission.budget is not None and not admission.budget.covers(used):
+                admission.budget = await hook.extend(admission, used)
+    except Refused:
+        finish = "quota_exhausted"
+    event = event_for(admission, used, finish=finish)
+    assert await hook.settle(admission, event)
+    return event
+
+
+def billing_state(tenant_id: uuid.UUID) -> tuple[dict[bytes, bytes], list[Any],
+                                                  dict[bytes, bytes]]:
+    """What Redis holds for the tenant's balances: the acct hash, the pkgs sorted set (with
+    scores) and the grants hash."""
+    keys = billing_keys(current_app.config["ENSOUL_REDIS_PREFIX"], str(tenant_id))
+    redis = get_redis()
+    return (redis.hgetall(keys["acct"]), redis.zrange(keys["pkgs"], 0, -1, withscores=True),
+            redis.hgetall(keys["grants"]))
+
+
+def live(tenant_id: uuid.UUID) -> dict[str, int]:
+    """The acct hash: account -> credits."""
+    return {k.decode(): int(v) for k, v in billing_state(tenant_id)[0].items()}
+
+
+def drain(app: Any) -> None:
+    """The usage writer until every stream is empty (the ledger posted)."""
+    writer = UsageWriter(app, "test-writer", block_ms=10)
+    while writer.drain_once():
+        pass

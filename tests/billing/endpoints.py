@@ -41,6 +41,7 @@ ENDPOINTS = {
     ("/api/v1/billing/licence-packs", "GET"): Endpoint(READ, ALL_ROLES),
     ("/api/v1/devices/<device_id>/licence", "GET"): Endpoint(READ, ALL_ROLES),
     ("/api/v1/billing/packages", "GET"): Endpoint(READ, ALL_ROLES),
+    ("/api/v1/billing/statement", "GET"): Endpoint(READ, ALL_ROLES),
     ("/api/v1/devices/<device_id>/cost", "GET"): Endpoint(READ, ALL_ROLES),
     ("/api/v1/devices/<device_id>/licence/renew", "POST"): Endpoint(WRITE, BUYERS, {}),
     ("/api/v1/billing/policy", "GET"): Endpoint(READ, ALL_ROLES),

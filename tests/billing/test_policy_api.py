@@ -18,7 +18,8 @@ def test_the_policy_defaults_to_no_overage_and_a_change_reaches_the_profiles(
     billed = billed_tenant()
     headers = billed.headers
     assert client.get("/api/v1/billing/policy", headers=headers).get_json() == {
-        "overage_allowed": False, "overage_cap_credits": None, "auto_renew": False}
+        "overage_allowed": False, "overage_cap_credits": None, "auto_renew": False,
+        "postpaid_plan_id": None}
     assert billed.profile().licence["overage_limit"] == -1
     response = client.put("/api/v1/billing/policy", headers=headers,
                           json={"overage_allowed": True, "overage_cap_credits": 500})
