@@ -70,6 +70,7 @@ def create_app(config_override: dict[str, Any] | None = None) -> Flask:
 def _register_blueprints(app: Flask) -> None:
     from accounts.api import blp as accounts_api
     from billing.api import blp as billing_api
+    from billing.notifications_api import blp as billing_notifications_api
     from core.api import api
     from core.health import bp as health_bp
     from core.ratelimit import limit_api
@@ -79,7 +80,8 @@ def _register_blueprints(app: Flask) -> None:
     from inference.api import blp as inference_api
     from portal.views import bp as portal_bp
 
-    for blueprint in (accounts_api, fleet_api, inference_api, billing_api):
+    for blueprint in (accounts_api, fleet_api, inference_api, billing_api,
+                      billing_notifications_api):
         limit_api(blueprint)
         csrf.exempt(blueprint)
         api.register_blueprint(blueprint)

@@ -327,3 +327,89 @@ class LedgerEntry(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
     reason: Mapped[str | None] = mapped_column(String(500))
     actor_user_id: Mapped[uuid.UUID | None] = mapped_column()
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Notification(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
+    """Something a tenant should act on (packages running low, no free seat, a licence ending).
+
+    ``key`` names the condition; ``open_key`` holds it while the condition lasts and is cleared
+    (NULL) when it stops, so the unique pair lets one notification exist per crossing: the next
+    one comes only once the condition has cleared and recurs. A licence's notification is
+    never cleared: one per licence."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "open_key", name="uq_notifications_open_key"),
+        Index("ix_notifications_tenant_read_at", "tenant_id", "read_at"),
+    )
+
+    type: Mapped[str] = mapped_column(String(64))  # packages.low, seats.exhausted, ...
+    key: Mapped[str] = mapped_column(String(200))
+    open_key: Mapped[str | None] = mapped_column(String(200))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    cleared_at: Mapped[dt.datetime | None] = mapped_column()
+    read_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class WebhookEndpoint(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
+    """Where a tenant's notifications are POSTed. The signing secret is needed in clear to
+    compute each HMAC, so it is stored encrypted (``core.crypto``), never hashed."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (UniqueConstraint("tenant_id"),)
+
+    url: Mapped[str] = mapped_column(String(2000))
+    secret_encrypted: Mapped[str] = mapped_column(String(500))
+    secret_hint: Mapped[str] = mapped_column(String(32))  # the secret's last characters
+    enabled: Mapped[bool] = mapped_column(default=True)
+    secret_rotated_at: Mapped[dt.datetime] = mapped_column()
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for its next attempt
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # every attempt failed
+
+
+class WebhookDelivery(UUIDPrimaryKey, TenantOwned, Timestamped, Base):
+    """One event sent to one endpoint, attempted until it succeeds or its attempts run out.
+    ``body`` is the exact JSON sent each time (the signature covers it)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_tenant_id_id", "tenant_id", "id"),
+    )
+
+    endpoint_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    notification_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("notifications.id", ondelete="SET NULL"))
+    event_id: Mapped[uuid.UUID] = mapped_column()
+    event_type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(String())
+    status: Mapped[DeliveryStatus] = mapped_column(str_enum(DeliveryStatus, "delivery_status"),
+                                                   default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column()
+    last_status_code: Mapped[int | None] = mapped_column()
+    completed_at: Mapped[dt.datetime | None] = mapped_column()
+
+    attempt_log: Mapped[list[WebhookAttempt]] = relationship(
+        order_by="WebhookAttempt.attempted_at", cascade="all, delete-orphan",
+        passive_deletes=True)
+
+
+class WebhookAttempt(UUIDPrimaryKey, TenantOwned, Base):
+    """One try of a delivery: when, what the receiver answered (or the error), how long it
+    took, and when the next try is due (NULL after the last)."""
+
+    __tablename__ = "webhook_attempts"
+
+    delivery_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    attempted_at: Mapped[dt.datetime] = mapped_column()
+    status_code: Mapped[int | None] = mapped_column()
+    duration_ms: Mapped[int] = mapped_column()
+    error: Mapped[str | None] = mapped_column(String(500))
+    next_retry_at: Mapped[dt.datetime | None] = mapped_column()

@@ -79,6 +79,10 @@ DEFAULTS: dict[str, Any] = {
     "ENSOUL_BILLING_HOOK": "billing.enforcement:make_hook",
     "ENSOUL_BILLING_CHUNK_OUTPUT_TOKENS": 50,  # reserved ahead per stream: ~1 s of output
     "ENSOUL_BILLING_CHUNK_AUDIO_MS": 1000,
+    # billing notifications' webhooks (docs/notifications.md)
+    "ENSOUL_WEBHOOK_ALLOW_PRIVATE": False,  # deliver to private/loopback addresses (tests, dev)
+    "ENSOUL_WEBHOOK_ALLOWED_HOSTS": "",  # comma-separated host names, addresses or networks
+    "ENSOUL_WEBHOOK_TIMEOUT_SECONDS": 10,
     "ENSOUL_LOCAL_TTFT_MS": 150,
     "ENSOUL_LOCAL_TOKENS_PER_SECOND": 30,
     "ENSOUL_LOCAL_ANSWER_TOKENS": 40,
@@ -88,7 +92,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 BOOL_KEYS = {"ENSOUL_LOG_JSON", "ENSOUL_COOKIE_SECURE", "ENSOUL_SMTP_STARTTLS",
-             "ENSOUL_MQTT_PUBLIC_TLS"}
+             "ENSOUL_MQTT_PUBLIC_TLS", "ENSOUL_WEBHOOK_ALLOW_PRIVATE"}
 INT_KEYS = {
     "ENSOUL_SMTP_PORT",
     "ENSOUL_LOGIN_LOCKOUT_ATTEMPTS",
@@ -115,6 +119,7 @@ INT_KEYS = {
     "ENSOUL_MEMORY_TTL_SECONDS",
     "ENSOUL_MEMORY_MAX_TURNS",
     "ENSOUL_MEMORY_MAX_TOKENS",
+    "ENSOUL_WEBHOOK_TIMEOUT_SECONDS",
 }
 FLOAT_KEYS = {"ENSOUL_INFERENCE_TURN_IDLE_SECONDS", "ENSOUL_LOCAL_TTFT_MS",
               "ENSOUL_LOCAL_TOKENS_PER_SECOND"}

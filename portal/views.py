@@ -12,6 +12,7 @@ from portal import (  # noqa: F401 - imported for the routes they add to the blu
     home_views,
     import_views,
     invitation_views,
+    notification_views,
     product_views,
     settings_views,
     team_views,
