@@ -44,6 +44,7 @@ from inference.hook import (
     Admission,
     Refused,
     Scripts,
+    checkpoint_records,
     in_flight_record,
     keys,
     tenant_zone,
@@ -196,18 +197,7 @@ class CreditHook:
         return budget_for(rates, reserved, used)
 
     async def checkpoint(self, entries: list[tuple[Admission, Units]]) -> None:
-        if not entries:
-            return
-        now_ms = int(time.time() * 1000)
-
-        async def run(pipe: Any) -> None:
-            for admission, used in entries:
-                k = keys(self.prefix, admission.device.tenant_id)
-                pipe.evalsha(self.scripts.sha["checkpoint"], 1, k["inflight"], admission.stream_id,
-                             in_flight_record(admission, used, now_ms=now_ms))
-            await pipe.execute()
-
-        await self.scripts.pipelined(self.redis, run)
+        await checkpoint_records(self.redis, self.scripts, self.prefix, entries)
 
     async def settle(self, admission: Admission | None, event: UsageEvent) -> bool:
         k = keys(self.prefix, event.tenant_id)

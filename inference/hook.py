@@ -196,20 +196,28 @@ class LimitsHook:
         return None  # unlimited
 
     async def checkpoint(self, entries: list[tuple[Admission, Units]]) -> None:
-        if not entries:
-            return
-        now_ms = int(time.time() * 1000)
-        async def run(pipe: Any) -> None:
-            for admission, used in entries:
-                k = keys(self.prefix, admission.device.tenant_id)
-                pipe.evalsha(self.scripts.sha["checkpoint"], 1, k["inflight"], admission.stream_id,
-                             in_flight_record(admission, used, now_ms=now_ms))
-            await pipe.execute()
-
-        await self.scripts.pipelined(self.redis, run)
+        await checkpoint_records(self.redis, self.scripts, self.prefix, entries)
 
     async def settle(self, admission: Admission | None, event: UsageEvent) -> bool:
         return await settle_event(self.redis, self.scripts, self.prefix, event)
+
+
+async def checkpoint_records(redis: Redis, scripts: Scripts, prefix: str,
+                             entries: list[tuple[Admission, Units]]) -> None:
+    """Refresh the in-flight records of streams still open, in one pipeline (the sweeper
+    settles a dead broker's stream from them)."""
+    if not entries:
+        return
+    now_ms = int(time.time() * 1000)
+
+    async def run(pipe: Any) -> None:
+        for admission, used in entries:
+            k = keys(prefix, admission.device.tenant_id)
+            pipe.evalsha(scripts.sha["checkpoint"], 1, k["inflight"], admission.stream_id,
+                         in_flight_record(admission, used, now_ms=now_ms))
+        await pipe.execute()
+
+    await scripts.pipelined(redis, run)
 
 
 async def settle_event(redis: Redis, scripts: Scripts, prefix: str, event: UsageEvent) -> bool:
