@@ -171,11 +171,17 @@ def send_test(endpoint: WebhookEndpoint) -> WebhookDelivery:
     return delivery
 
 
+def _enabled_endpoints() -> Any:
+    return select(WebhookEndpoint.id).where(WebhookEndpoint.enabled.is_(True))
+
+
 def due(now: dt.datetime, limit: int = DUE_BATCH) -> list[uuid.UUID]:
+    """Deliveries whose attempt is due, to enabled endpoints (a disabled one's wait)."""
     return list(db.session.scalars(select(WebhookDelivery.id).where(
         WebhookDelivery.status == DeliveryStatus.PENDING,
-        WebhookDelivery.next_attempt_at <= now).order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)))
+        WebhookDelivery.next_attempt_at <= now,
+        WebhookDelivery.endpoint_id.in_(_enabled_endpoints()))
+        .order_by(WebhookDelivery.next_attempt_at).limit(limit)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +214,8 @@ def claim(delivery_id: uuid.UUID, now: dt.datetime, timeout: float) -> Claim | N
     result: Any = db.session.execute(
         update(WebhookDelivery).where(WebhookDelivery.id == delivery_id,
                                       WebhookDelivery.status == DeliveryStatus.PENDING,
-                                      WebhookDelivery.next_attempt_at <= now)
+                                      WebhookDelivery.next_attempt_at <= now,
+                                      WebhookDelivery.endpoint_id.in_(_enabled_endpoints()))
         .values(next_attempt_at=now + dt.timedelta(seconds=timeout) + CLAIM_MARGIN)
         .execution_options(synchronize_session=False))
     if result.rowcount != 1:

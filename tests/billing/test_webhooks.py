@@ -201,6 +201,21 @@ def test_private_and_malformed_urls_are_refused_at_configuration(
     assert client.get(WEBHOOK, headers=vendor.headers).status_code == 404
 
 
+def test_a_disabled_endpoint_gets_no_attempts_until_enabled_again(
+        client: Any, vendor: Vendor, allow_private: None) -> None:
+    with receiver(200) as hook:
+        configure(client, vendor, hook.url)
+        client.post(f"{WEBHOOK}/test", headers=vendor.headers)
+        client.put(WEBHOOK, json={"url": hook.url, "enabled": False}, headers=vendor.headers)
+        [delivery] = deliveries(vendor)
+        assert webhooks.due(utcnow()) == []
+        assert notification_tasks.run_delivery(delivery.id, utcnow()) is None
+        assert client.post(f"{WEBHOOK}/test", headers=vendor.headers).status_code == 409
+        configure(client, vendor, hook.url)
+        assert notification_tasks.run_delivery(delivery.id, utcnow()).attempts == 1
+        hook.get()
+
+
 def test_private_addresses_are_refused_at_delivery_too(
         client: Any, vendor: Vendor, app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """An endpoint allowed then (or whose DNS now answers differently) is checked again."""
