@@ -141,7 +141,7 @@ def billing_state(tenant_id: uuid.UUID) -> tuple[dict[bytes, bytes], list[Any],
     """What Redis holds for the tenant's balances: the acct hash, the pkgs sorted set (with
     scores) and the grants hash."""
     keys = billing_keys(current_app.config["ENSOUL_REDIS_PREFIX"], str(tenant_id))
-    redis = get_redis()
+    redis: Any = get_redis()
     return (redis.hgetall(keys["acct"]), redis.zrange(keys["pkgs"], 0, -1, withscores=True),
             redis.hgetall(keys["grants"]))
 
