@@ -15,7 +15,6 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, cast
 
 import orjson
 from flask import current_app
@@ -33,6 +32,8 @@ log = logging.getLogger(__name__)
 # Expired packages are closed this long after their expiry: every stream that could have
 # reserved from one has ended (the request timeout) and been settled by then.
 EXPIRY_MARGIN = dt.timedelta(minutes=10)
+# Packages expired longer ago than this are left alone (closed long since, or forgotten).
+EXPIRY_LOOKBACK = dt.timedelta(days=30)
 
 # KEYS: acct, pkgs, grants, resv, usage stream; ARGV: last usage entry id seen ('' none),
 #       JSON {account: credits} to set, JSON {package account: expiry} , JSON grants, replace
@@ -60,12 +61,12 @@ end
 return 1
 """
 
-# KEYS: acct, pkgs; ARGV: package account. Closes it; returns what Redis still held.
+# KEYS: acct, pkgs; ARGV: package account. Closes it; 1 if Redis still had it.
 CLOSE = """
-redis.call('ZREM', KEYS[2], ARGV[1])
-local left = redis.call('HGET', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[1], ARGV[1])
-return tonumber(left or '0')
+local listed = redis.call('ZREM', KEYS[2], ARGV[1])
+local held = redis.call('HDEL', KEYS[1], ARGV[1])
+if listed + held > 0 then return 1 end
+return 0
 """
 
 
@@ -106,6 +107,7 @@ class State:
     grants: dict[str, int]
     last_entry: str  # the usage stream's last entry id when this was computed
     reserved: dict[str, int]
+    held: dict[str, int]  # what Redis held then (read with the rest)
 
 
 def _month(tenant_timezone: str, moment: dt.datetime) -> str:
@@ -134,7 +136,9 @@ def expected_state(tenant_id: uuid.UUID) -> State:
         pipe.echo("")
     pipe.xrange(stream)
     pipe.hgetall(k["grants"])
-    raw_reservations, info, entries, redis_grants = pipe.execute()
+    pipe.hgetall(k["acct"])
+    raw_reservations, info, entries, redis_grants, raw_held = pipe.execute()
+    held = {(a.decode() if isinstance(a, bytes) else a): int(v) for a, v in raw_held.items()}
     last_entry = info["last-generated-id"] if isinstance(info, dict) else ""
     last_entry = last_entry.decode() if isinstance(last_entry, bytes) else last_entry
     reserved: Counter[str] = Counter()
@@ -163,9 +167,16 @@ def expected_state(tenant_id: uuid.UUID) -> State:
     grants = {(a.decode() if isinstance(a, bytes) else a): int(v) for a, v in redis_grants.items()}
     accounts: dict[str, int] = {}
     packages: dict[str, int] = {}
+    closed = set(db.session.scalars(select(LedgerEntry.account).where(
+        LedgerEntry.tenant_id == tenant_id, LedgerEntry.kind == EntryKind.EXPIRY,
+        LedgerEntry.account.startswith("package:"))))
+    # Packages not closed yet, past their expiry too: the expiry job closes them a little later.
     for package in db.session.scalars(select(CreditPackage).where(
-            CreditPackage.tenant_id == tenant_id, CreditPackage.expires_at > now)):
+            CreditPackage.tenant_id == tenant_id,
+            CreditPackage.expires_at > now - EXPIRY_LOOKBACK)):
         account = ledger.package_account(package.id)
+        if account in closed or (package.expires_at <= now and account not in held):
+            continue
         packages[account] = _epoch(package.expires_at)
         accounts[account] = balances.get(account, 0) - reserved[account] - unwritten[account]
     allowance_accounts = {a for a in set(balances) | set(grants)
@@ -189,7 +200,7 @@ def expected_state(tenant_id: uuid.UUID) -> State:
                 LedgerEntry.tenant_id == tenant_id, LedgerEntry.account == account,
                 LedgerEntry.kind == EntryKind.GRANT).limit(1))
             grants[account] = int(grant or 0)
-    return State(accounts, packages, grants, last_entry, dict(reserved))
+    return State(accounts, packages, grants, last_entry, dict(reserved), held)
 
 
 def _write(tenant_id: uuid.UUID, state: State, *, replace: bool) -> bool:
@@ -214,11 +225,30 @@ class Difference:
 
 
 def reconcile(tenant_id: uuid.UUID, *, repair: bool = False) -> tuple[list[Difference], bool]:
-    """Compare Redis with the ledger; returns the differences and whether they were repaired."""
+    """Compare Redis with the ledger; returns the differences and whether they were repaired.
+
+    A request settled while the check reads Postgres can show as a difference for a moment,
+    so a difference is reported only if a second check right after finds it too."""
+    state, differences = _differences(tenant_id)
+    if differences:
+        first = {d.account for d in differences}
+        state, differences = _differences(tenant_id)
+        differences = [d for d in differences if d.account in first]
+    if differences:
+        log.warning("billing: tenant %s differs from the ledger on %d accounts: %s", tenant_id,
+                    len(differences), ", ".join(f"{d.account} redis={d.redis} "
+                                                f"ledger={d.expected}" for d in differences))
+    repaired = False
+    if differences and repair:
+        fixes = State({d.account: d.expected for d in differences}, state.packages, {},
+                      state.last_entry, state.reserved, state.held)
+        repaired = _write(tenant_id, fixes, replace=False)
+    return differences, repaired
+
+
+def _differences(tenant_id: uuid.UUID) -> tuple[State, list[Difference]]:
     state = expected_state(tenant_id)
-    k = _keys(tenant_id)
-    held = {(a.decode() if isinstance(a, bytes) else a): int(v)
-            for a, v in cast(dict[Any, Any], get_redis().hgetall(k["acct"])).items()}
+    held = state.held
     # Redis holds an account's free credits apart from what is reserved.
     differences = [Difference(account, held.get(account), expected)
                    for account, expected in sorted(state.accounts.items())
@@ -227,16 +257,7 @@ def reconcile(tenant_id: uuid.UUID, *, repair: bool = False) -> tuple[list[Diffe
     for account in sorted(set(held) - set(state.accounts)):
         if account.startswith("package:") and held[account] != 0:
             differences.append(Difference(account, held[account], 0))
-    if differences:
-        log.warning("billing: tenant %s differs from the ledger on %d accounts: %s", tenant_id,
-                    len(differences), ", ".join(f"{d.account} redis={d.redis} "
-                                                f"ledger={d.expected}" for d in differences))
-    repaired = False
-    if differences and repair:
-        fixes = State({d.account: d.expected for d in differences}, state.packages, {},
-                      state.last_entry, state.reserved)
-        repaired = _write(tenant_id, fixes, replace=False)
-    return differences, repaired
+    return state, differences
 
 
 def expire_packages(at: dt.datetime | None = None) -> int:
@@ -245,7 +266,8 @@ def expire_packages(at: dt.datetime | None = None) -> int:
     moment = at or utcnow()
     closed = 0
     expired = list(db.session.scalars(select(CreditPackage).where(
-        CreditPackage.expires_at <= moment - EXPIRY_MARGIN)))
+        CreditPackage.expires_at <= moment - EXPIRY_MARGIN,
+        CreditPackage.expires_at > moment - EXPIRY_LOOKBACK)))
     for package in expired:
         account = ledger.package_account(package.id)
         exists = db.session.scalar(select(LedgerEntry.id).where(
@@ -256,12 +278,13 @@ def expire_packages(at: dt.datetime | None = None) -> int:
         if get_redis().xlen(usage_stream(package.tenant_id)):
             continue  # its last events are not in the ledger yet: next run
         k = _keys(package.tenant_id)
-        get_redis().eval(CLOSE, 2, k["acct"], k["pkgs"], account)
+        was_open = bool(get_redis().eval(CLOSE, 2, k["acct"], k["pkgs"], account))
         left = ledger.balance(package.tenant_id, account)
         if left > 0:
             ledger.post(package.tenant_id, [ledger.Movement(
                 account, EntryKind.EXPIRY, -left, "package_expiry", str(package.id))])
-        closed += 1
+        if left > 0 or was_open:  # a used-up one is closed once, with nothing to record
+            closed += 1
     db.session.flush()
     return closed
 

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from billing import ledger
 from billing.licences import has_live_licence
 from billing.models import BillingPolicy, OveragePrice, Plan, PlanBilling, PlanPrice, RateCard
-from core.db import db, utcnow
+from core.db import db, get_by_id, utcnow
 from core.errors import ValidationFailed
 from fleet.models import Device, DeviceEvent
 
@@ -40,8 +40,8 @@ def postpaid_plan(tenant_id: uuid.UUID) -> Plan | None:
 
 
 def check_postpaid_plan(plan_id: uuid.UUID, currency: str) -> Plan:
-    plan = db.session.get(Plan, plan_id)
-    if plan is None or plan.billing is not PlanBilling.POSTPAID or not plan.active:
+    plan = get_by_id(Plan, plan_id, "plan")  # an unknown plan: 404, as in orders
+    if plan.billing is not PlanBilling.POSTPAID or not plan.active:
         raise ValidationFailed("Not a postpaid plan on sale.",
                                details={"postpaid_plan_id": ["Not a postpaid plan on sale."]})
     if not any(price.currency == currency for price in plan.prices):

@@ -106,9 +106,7 @@ if want > 0 then
                tonumber(ARGV[18]), ARGV[16])
   if taken < tonumber(ARGV[13]) then
     for _, part in ipairs(order) do give_back(KEYS[6], part[1], part[2]) end
-    local refused = redis.call('INCR', rate .. ':quota')
-    redis.call('EXPIRE', rate .. ':quota', 61)
-    return {'quota_exhausted', refused, 0, 0}
+    return {'quota_exhausted', 0, 0, 0}  -- answered every time (only rate_limited repeats drop)
   end
   local reservation = cjson.decode(ARGV[19])
   reservation['a'] = order

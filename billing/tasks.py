@@ -51,4 +51,5 @@ def periodic_jobs(config: Mapping[str, Any]) -> list[tuple[int, Callable[[], Any
     return [(EXPIRE_SECONDS, expire_packages), (RECONCILE_SECONDS, reconcile_balances),
             (notices.CHECK_SECONDS, notices.check_notifications),
             (notices.LICENCES_SECONDS, notices.check_licences_ending),
-            (notices.DISPATCH_SECONDS, notices.dispatch_webhooks)]
+            (notices.DISPATCH_SECONDS, notices.dispatch_webhooks),
+            (AUTO_RENEW_SECONDS, auto_renew_licences)]

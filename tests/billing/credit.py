@@ -66,8 +66,6 @@ def billed_tenant(*, devices: int = 1, seats: int | None = None, allowance: int 
         services.activate(device)
         made.append(device)
     db.session.commit()
-    current_app.config["ENSOUL_INFERENCE_REQUESTS_PER_MINUTE"] = 100_000
-    current_app.config["ENSOUL_INFERENCE_CONCURRENT_STREAMS"] = 1000
     return Billed(tenant.id, plan_row, made, setup.headers)
 
 

@@ -284,9 +284,6 @@ def test_a_package_missing_from_redis_is_a_difference_and_repaired(committed_app
     assert event.credit_split == {account: 2}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: reconcile reads the acct hash after (and apart from) "
-                   "the reservations and the usage stream, so requests admitted or settled in "
-                   "between show as differences on any tenant with traffic")
 def test_reconcile_reports_no_difference_while_requests_run(committed_app: Any) -> None:
     billed = billed_tenant()
     buy_package(billed.tenant_id, 1_000_000)
@@ -323,7 +320,7 @@ def test_reconcile_reports_no_difference_while_requests_run(committed_app: Any) 
         stop.set()
         thread.join(10)
     assert len(served) > 50  # requests ran throughout
-    # Fails: nearly every check reports the package (e.g. redis=999991 ledger=999995).
+    # The acct hash is read with the reservations and the stream, in one transaction.
     assert reported == []
     assert balances.reconcile(billed.tenant_id) == ([], False)  # at rest: consistent
 
@@ -389,8 +386,6 @@ def test_a_used_up_package_expires_without_an_entry(committed_app: Any) -> None:
     assert ledger.package_account(package.id) not in live(billed.tenant_id)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: expire_packages closes a used-up package again on "
-                   "every run (it records no expiry entry, so nothing marks it closed)")
 def test_a_used_up_package_is_closed_once(committed_app: Any) -> None:
     billed = billed_tenant()
     buy_package(billed.tenant_id, 2, days=1)
@@ -399,13 +394,9 @@ def test_a_used_up_package_is_closed_once(committed_app: Any) -> None:
     later = utcnow() + dt.timedelta(days=2)
     assert balances.expire_packages(at=later) == 1
     db.session.commit()
-    # Fails: 1 again, and on every later run (a CLOSE script and two queries per used-up
-    # package, for every such package ever sold, every 5 minutes).
     assert balances.expire_packages(at=later) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: reconcile expects 0 for a package past its expiry "
-                   "that expire_packages has not closed yet (the 10-15 minutes after expiry)")
 def test_a_package_expired_but_not_yet_closed_is_no_difference(committed_app: Any) -> None:
     billed = billed_tenant()
     package = buy_package(billed.tenant_id, 10, days=1)
@@ -420,8 +411,7 @@ def test_a_package_expired_but_not_yet_closed_is_no_difference(committed_app: An
     get_redis().zadd(keys["pkgs"], {account: int(expired.timestamp())})
     assert packages_held(billed.tenant_id) == {account: 10}
     assert ledger.balance(billed.tenant_id, account) == 10
-    # Fails: [Difference(account, redis=10, expected=0)]; `billing-reconcile` exits 1 and
-    # `--repair` writes 0 into Redis.
+    # Until the expiry job closes it, Redis keeps what the ledger says is left.
     assert balances.reconcile(billed.tenant_id) == ([], False)
 
 
