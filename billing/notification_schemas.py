@@ -21,11 +21,18 @@ class NotificationOut(ma.Schema):
     read_at = ma.fields.AwareDateTime(required=True, allow_none=True)
 
 
+# http(s), a host name or bracketed IPv6 address, an optional port, path and query.
+WEBHOOK_URL_PATTERN = (r"^https?://([A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
+                       r"(/[A-Za-z0-9._~%!$&'()*+,;=:@/-]*)?(\?[A-Za-z0-9._~%!$&'()*+,;=:@/?-]*)?$")
+
+
 class WebhookIn(ma.Schema):
-    url = ma.fields.Url(required=True, schemes={"http", "https"}, require_tld=False,
-                        validate=ma.validate.Length(max=2000), metadata={
-                            "description": "Where events are POSTed; its host must resolve "
-                                           "to public addresses only."})
+    url = ma.fields.String(required=True, validate=[
+        ma.validate.Length(max=2000),
+        ma.validate.Regexp(WEBHOOK_URL_PATTERN, error="An http or https URL with a host, "
+                                                      "without credentials or fragment.")],
+        metadata={"description": "Where events are POSTed. Its host must resolve to public "
+                                 "addresses only: otherwise `403 address_not_allowed`."})
     enabled = ma.fields.Boolean(load_default=True)
 
 

@@ -34,7 +34,7 @@ from billing import webhook_address
 from billing.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from core.crypto import decrypt, encrypt, new_token
 from core.db import db, on_commit, utcnow
-from core.errors import Conflict, NotFound, ValidationFailed
+from core.errors import Conflict, Forbidden, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,9 @@ def require_endpoint(tenant_id: uuid.UUID) -> WebhookEndpoint:
 def check_url(url: str, config: Mapping[str, Any]) -> None:
     try:
         webhook_address.resolve(url, config)
-    except webhook_address.AddressRefused as exc:
-        raise ValidationFailed(str(exc), details={"url": [str(exc)]}) from exc
+    except webhook_address.AddressRefused as exc:  # the platform's policy, not the syntax
+        raise Forbidden(str(exc), code="address_not_allowed", details={"url": [str(exc)]}) \
+            from exc
 
 
 def _new_secret(endpoint: WebhookEndpoint, now: dt.datetime) -> str:

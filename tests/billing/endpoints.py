@@ -27,9 +27,9 @@ def _package_order(tenant: Tenant) -> dict[str, Any]:
 
 
 def _seats(tenant: Tenant) -> dict[str, Any]:
-    """A free seat, so a renewal can succeed."""
+    """Seats for the device (if active) and one free, so a renewal can succeed."""
     plan = make_plan(prices={tenant.currency: (1000, "0.1")})
-    purchases.mark_paid(purchases.order_pack(tenant.id, tenant.currency, plan.id, 1))
+    purchases.mark_paid(purchases.order_pack(tenant.id, tenant.currency, plan.id, 2))
     db.session.commit()
     return {}
 

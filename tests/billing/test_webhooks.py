@@ -191,9 +191,20 @@ def test_a_refused_connection_is_a_logged_attempt(client: Any, vendor: Vendor,
     "http://10.1.2.3/hook", "http://192.168.1.10/hook", "http://172.16.0.5/hook",
     "http://169.254.169.254/latest/meta-data", "http://[fe80::1]/hook", "http://224.0.0.1/",
     "http://0.0.0.0/", "http://100.64.0.1/", "http://[::ffff:127.0.0.1]/hook",
-    "ftp://93.184.215.14/", "https://user:pw@93.184.215.14/hook",
+    "http://no-such-host.invalid/hook",
 ])
-def test_private_and_malformed_urls_are_refused_at_configuration(
+def test_private_addresses_are_refused_at_configuration(
+        client: Any, vendor: Vendor, url: str) -> None:
+    answer = configure(client, vendor, url)
+    assert answer.status_code == 403, answer.get_json()
+    assert answer.get_json()["error"]["code"] == "address_not_allowed"
+    assert "url" in answer.get_json()["error"]["details"]
+    assert client.get(WEBHOOK, headers=vendor.headers).status_code == 404
+
+
+@pytest.mark.parametrize("url", ["ftp://93.184.215.14/", "https://user:pw@93.184.215.14/hook",
+                                 "https://93.184.215.14/hook#part", "", "hook"])
+def test_malformed_urls_are_refused_at_configuration(
         client: Any, vendor: Vendor, url: str) -> None:
     answer = configure(client, vendor, url)
     assert answer.status_code == 422, answer.get_json()
