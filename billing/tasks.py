@@ -38,6 +38,23 @@ def reconcile_balances() -> int:
 
 
 @app_job
+def repair_embedded_balances() -> int:
+    """The embedded profile's Redis lives in the ``serve`` process, so a purchase marked paid
+    from the command line (another process) reaches it only through this repair, every
+    minute, of tenants with no stream in flight."""
+    from accounts.models import Tenant
+
+    repaired = 0
+    for tenant_id in list(db.session.scalars(select(Tenant.id))):
+        differences, done = balances.reconcile(tenant_id, repair=True)
+        repaired += len(differences) if done else 0
+    return repaired
+
+
+EMBEDDED_REPAIR_SECONDS = 60
+
+
+@app_job
 def auto_renew_licences() -> int:
     return licences.auto_renew()
 
@@ -48,8 +65,11 @@ AUTO_RENEW_SECONDS = 3600
 def periodic_jobs(config: Mapping[str, Any]) -> list[tuple[int, Callable[[], Any]]]:
     from billing import notification_tasks as notices
 
-    return [(EXPIRE_SECONDS, expire_packages), (RECONCILE_SECONDS, reconcile_balances),
+    jobs = [(EXPIRE_SECONDS, expire_packages), (RECONCILE_SECONDS, reconcile_balances),
             (notices.CHECK_SECONDS, notices.check_notifications),
             (notices.LICENCES_SECONDS, notices.check_licences_ending),
             (notices.DISPATCH_SECONDS, notices.dispatch_webhooks),
             (AUTO_RENEW_SECONDS, auto_renew_licences)]
+    if config.get("EMBEDDED"):
+        jobs.append((EMBEDDED_REPAIR_SECONDS, repair_embedded_balances))
+    return jobs

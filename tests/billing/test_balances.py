@@ -528,3 +528,22 @@ def test_ledger_balances_equal_redis_after_the_writer_drained(
     spent = sum(e.credits for e in events)
     assert -sum(k.get(EntryKind.CONSUMPTION, 0) for k in by_kind.values()) == spent
     assert balances.reconcile(billed.tenant_id) == ([], False)
+
+
+def test_the_embedded_profile_repairs_every_minute_what_another_process_paid_for(
+        committed_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flask mark-purchase-paid` beside a running embedded `serve` writes its own in-memory
+    Redis: the serve process's repair job loads the package."""
+    from billing import tasks
+
+    assert tasks.repair_embedded_balances not in [job for _, job in
+                                                  tasks.periodic_jobs(committed_app.config)]
+    monkeypatch.setitem(committed_app.config, "EMBEDDED", True)
+    assert (tasks.EMBEDDED_REPAIR_SECONDS, tasks.repair_embedded_balances) in \
+        tasks.periodic_jobs(committed_app.config)
+    billed = billed_tenant()
+    package = buy_package(billed.tenant_id, 20)
+    keys = billing_keys(committed_app.config["ENSOUL_REDIS_PREFIX"], str(billed.tenant_id))
+    get_redis().delete(keys["acct"], keys["pkgs"])  # as if paid in another process
+    assert tasks.repair_embedded_balances() >= 1
+    assert live(billed.tenant_id) == {ledger.package_account(package.id): 20}
