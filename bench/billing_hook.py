@@ -31,8 +31,8 @@ order rotates) and the figures quoted are medians over the repeats.
    (with ``credit_split``) by the credit hook's admit and settle, then
    ``UsageWriter.drain_once`` timed until every event is in ``usage_events`` (billing's settled
    hook posting the consumption to the ledger in the same transaction); the same with that hook
-   removed, and a what-if with the ledger's insert as a cached executemany (both in this
-   process only); and baselines on the very rows the writer wrote (read back, deleted, inserted
+   removed (in this process only); and baselines on the very rows the writer wrote (read back,
+   deleted, inserted
    again): psycopg ``executemany`` of the writer's ``INSERT ... ON CONFLICT DO NOTHING``, and
    ``COPY``, in batches of the writer's size, each committed. Target: the writer at least half
    the ``executemany`` figure.
@@ -446,44 +446,20 @@ async def prefill(prefix: str, config: Any, profiles: Sequence[Any], events: int
         await redis.aclose()
 
 
-WRITERS = ("writer", "writer_without_ledger", "writer_what_if_ledger_executemany")
-
-
-def ledger_post_executemany(tenant_id: uuid.UUID, movements: Any) -> int:
-    """What-if for ``billing.ledger.post``: the same rows through the table's cached
-    ``INSERT ... ON CONFLICT DO NOTHING`` as one executemany (as the usage insert runs), instead
-    of ``insert(LedgerEntry).values(rows).returning(...)``, compiled anew for every batch.
-    Returns how many were sent, not how many were new."""
-    from sqlalchemy.dialects import postgresql
-
-    from billing.models import LedgerEntry
-    from core.db import db, utcnow
-    from core.ids import uuid7
-
-    rows = [{"id": uuid7(), "tenant_id": tenant_id, "account": m.account, "kind": m.kind,
-             "credits": m.credits, "cause_type": m.cause_type, "cause_id": m.cause_id,
-             "reason": m.reason, "actor_user_id": m.actor_user_id, "details": m.details,
-             "created_at": utcnow()} for m in movements]
-    if rows:
-        db.session.execute(postgresql.insert(LedgerEntry.__table__).on_conflict_do_nothing(
-            index_elements=["tenant_id", "account", "kind", "cause_type", "cause_id"]), rows)
-    return len(rows)
+WRITERS = ("writer", "writer_without_ledger")
 
 
 def drain(app: Any, events: int, batch: int, variant: str) -> float:
     """Seconds for one ``UsageWriter`` to write ``events`` entries: as shipped (``writer``:
-    billing's ledger posting in the writer's transaction), without the ledger, or with the
-    ledger's insert replaced by :func:`ledger_post_executemany` (in this process only)."""
-    from billing import ledger
+    billing's ledger posting in the writer's transaction) or without the ledger (in this
+    process only)."""
     from billing.settlement import post_usage
     from inference import usage
 
     hooks = usage._settled_hooks  # the registry, in this process only
-    saved, post = list(hooks), ledger.post
+    saved = list(hooks)
     if variant == "writer_without_ledger":
         hooks.remove(post_usage)
-    elif variant == "writer_what_if_ledger_executemany":
-        ledger.post = ledger_post_executemany  # type: ignore[assignment]
     try:
         writer = usage.UsageWriter(app, f"bench-{uuid.uuid4().hex[:6]}", batch=batch,
                                    block_ms=1)
@@ -497,7 +473,6 @@ def drain(app: Any, events: int, batch: int, variant: str) -> float:
             return time.perf_counter() - started
     finally:
         hooks[:] = saved
-        ledger.post = post  # type: ignore[assignment]
 
 
 def usage_columns(conn: psycopg.Connection[Any]) -> list[str]:
@@ -598,8 +573,6 @@ def writer_phases(args: argparse.Namespace, app: Any, url: str,
     out["ledger_share_of_writer_time"] = round(
         1 - out["variants"]["writer_without_ledger"]["median_seconds"]
         / out["variants"]["writer"]["median_seconds"], 3)
-    out["what_if_fraction_of_executemany"] = round(
-        rate["writer_what_if_ledger_executemany"] / rate["executemany_floor"], 3)
     return out
 
 
@@ -915,8 +888,8 @@ def plot(pooled: dict[str, list[float]], payload: dict[str, Any], args: argparse
          f"admit+settle loop, {args.throughput_concurrency} coroutines, one process",
          "requests/s")
     writer = payload["usage_writer"]["variants"]
-    bars(axes[1][1], ["UsageWriter\n+ ledger", "no ledger", "what-if:\nledger\nexecutemany",
-                      "bare\nexecutemany", "bare\nCOPY"],
+    bars(axes[1][1], ["UsageWriter\n+ ledger", "no ledger", "bare\nexecutemany",
+                      "bare\nCOPY"],
          [writer[v]["events_per_second"] for v in (*WRITERS, "executemany_floor",
                                                     "copy_floor")],
          f"usage events to Postgres (batches of {args.writer_batch})", "events/s")

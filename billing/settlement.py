@@ -36,4 +36,4 @@ def post_usage(events: list[UsageEvent]) -> None:
                     account, EntryKind.GRANT, grant, "allowance", account,
                     details={"device_id": event.device_id})
     for tenant_id, movements in by_tenant.items():
-        ledger.post(uuid.UUID(tenant_id), movements.values())
+        ledger.post(uuid.UUID(tenant_id), movements.values(), count_new=False)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import socket
@@ -124,8 +123,8 @@ def decode(text: str | bytes) -> UsageEvent:
     """Parse and validate; unknown keys are ignored so an older writer accepts a newer broker's
     events."""
     try:
-        data = json.loads(text)
-    except (ValueError, TypeError) as exc:
+        data = orjson.loads(text)
+    except (orjson.JSONDecodeError, TypeError) as exc:
         raise UsageDecodeError(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise UsageDecodeError("not a JSON object")
@@ -294,7 +293,12 @@ def _row(event: UsageEvent, written_at: dt.datetime) -> dict[str, Any]:
         "conversation_id": event.conversation_id,
         "provider": event.provider,
         "model": event.model,
-        **event.units.as_dict(),
+        "input_tokens": event.units.input_tokens,
+        "output_tokens": event.units.output_tokens,
+        "audio_in_ms": event.units.audio_in_ms,
+        "audio_out_ms": event.units.audio_out_ms,
+        "images": event.units.images,
+        "tool_calls": event.units.tool_calls,
         "credits": event.credits,
         "credit_split": dict(event.credit_split),
         "rate_card_version": event.rate_card_version,

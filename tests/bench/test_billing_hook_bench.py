@@ -48,9 +48,8 @@ def test_billing_hook_benchmark_runs_end_to_end() -> None:
 
     writer = report["usage_writer"]
     assert writer["ledger_entries_per_event"] == {  # one package account per event
-        "writer": 1.0, "writer_without_ledger": 0.0, "writer_what_if_ledger_executemany": 1.0}
+        "writer": 1.0, "writer_without_ledger": 0.0}
     assert set(writer["variants"]) == {"writer", "writer_without_ledger",
-                                       "writer_what_if_ledger_executemany",
                                        "executemany_floor", "copy_floor"}
     assert all(v["events_per_second"] > 0 for v in writer["variants"].values())
 
