@@ -17,7 +17,8 @@ Redis (:mod:`billing.scripts`); it never reads Postgres.
   A stream whose broker died is settled by the sweeper the same way.
 
 The overdraft is bounded: a stream is cut as soon as it used more than it reserved, and a
-reservation is one chunk ahead, so a stream overshoots by less than one chunk's credits.
+reservation is one chunk ahead, so a stream overshoots by at most one chunk's credits (its
+last, partly used block is priced whole).
 """
 
 from __future__ import annotations
