@@ -19,7 +19,7 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.models import EntryKind, LedgerEntry
-from core.db import db, utcnow
+from core.db import db, insert_ignoring_duplicates, utcnow
 from core.ids import uuid7
 
 
@@ -64,29 +64,33 @@ def post(tenant_id: uuid.UUID, movements: Iterable[Movement], *, count_new: bool
          ) -> int:
     """Append the movements not yet in the ledger; returns how many were new (or, with
     ``count_new=False``, how many were sent: a plain executemany, the usage writer's path)."""
-    rows = [{"id": uuid7(), "tenant_id": tenant_id, "account": m.account, "kind": m.kind,
-             "credits": m.credits, "cause_type": m.cause_type, "cause_id": m.cause_id,
-             "reason": m.reason, "actor_user_id": m.actor_user_id, "details": m.details,
-             "created_at": utcnow()} for m in movements]
+    rows: list[dict[str, Any]] = [
+        {"id": uuid7(), "tenant_id": tenant_id, "account": m.account, "kind": m.kind,
+         "credits": m.credits, "cause_type": m.cause_type, "cause_id": m.cause_id,
+         "reason": m.reason, "actor_user_id": m.actor_user_id, "details": m.details,
+         "created_at": utcnow()} for m in movements]
     if not rows:
         return 0
     # One statement compiled once per dialect, run as an executemany: the usage writer posts a
     # batch of hundreds of rows per transaction, and a statement built from the rows' values
     # would be compiled anew every time (most of the writer's time).
-    statement = _insert_ignoring_duplicates(db.session.get_bind().dialect.name, count_new)
     if not count_new:
-        db.session.execute(statement, rows)
+        for row in rows:
+            row["kind"] = row["kind"].value  # by value, as the driver stores it
+        insert_ignoring_duplicates(LedgerEntry.__table__, rows, UNIQUE_KEY)
         return len(rows)
+    statement = _insert_ignoring_duplicates(db.session.get_bind().dialect.name)
     return len(db.session.execute(statement, rows).all())
 
 
-@functools.lru_cache(maxsize=4)
-def _insert_ignoring_duplicates(dialect: str, returning: bool) -> Any:
+UNIQUE_KEY = ["tenant_id", "account", "kind", "cause_type", "cause_id"]
+
+
+@functools.lru_cache(maxsize=2)
+def _insert_ignoring_duplicates(dialect: str) -> Any:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     table = cast(Table, LedgerEntry.__table__)
-    statement = insert(table).on_conflict_do_nothing(
-        index_elements=["tenant_id", "account", "kind", "cause_type", "cause_id"])
-    return statement.returning(table.c.id) if returning else statement
+    return insert(table).on_conflict_do_nothing(index_elements=UNIQUE_KEY).returning(table.c.id)
 
 
 def balance(tenant_id: uuid.UUID, account: str) -> int:

@@ -194,3 +194,42 @@ def get_by_id(model: type[Any], obj_id: Any, what: str) -> Any:
     if row is None:
         raise NotFound(f"No such {what}.")
     return row
+
+
+def insert_ignoring_duplicates(table: Any, rows: list[dict[str, Any]],
+                               unique: list[str]) -> None:
+    """Insert ``rows`` (every column given, the same keys in each) in the session's transaction,
+    skipping those whose ``unique`` key is already there.
+
+    On Postgres the rows go straight to the driver as one pipelined executemany (SQLAlchemy's
+    per-row parameter processing was a quarter of the usage writer's time). Elsewhere (SQLite,
+    the embedded profile) through SQLAlchemy's insert. Enums must be given by value."""
+    if not rows:
+        return
+    connection = db.session.connection()
+    if connection.dialect.name != "postgresql":
+        from sqlalchemy.dialects import sqlite
+
+        connection.execute(sqlite.insert(table).on_conflict_do_nothing(
+            index_elements=unique), rows)
+        return
+    from psycopg import sql
+    from psycopg.types.json import Json
+    from sqlalchemy.types import JSON
+
+    columns = list(rows[0])
+    statement = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO NOTHING").format(
+        sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns)),
+        sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+        sql.SQL(", ").join(map(sql.Identifier, unique)))
+    json_at = [i for i, name in enumerate(columns)
+               if isinstance(table.columns[name].type, JSON)]
+    tuples = []
+    for row in rows:
+        values = [row[name] for name in columns]
+        for index in json_at:
+            if values[index] is not None:
+                values[index] = Json(values[index])
+        tuples.append(values)
+    with connection.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+        cursor.executemany(statement, tuples)

@@ -31,6 +31,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -40,13 +41,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import psycopg
 import redis as redis_lib
 from flask import Flask, current_app, has_app_context
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from core.db import db, utcnow
+from core.db import db, insert_ignoring_duplicates, utcnow
+from core.ids import uuid7
 from core.redis import get_redis, name
 from inference.models import UsageEventRecord
 from inference.units import UNIT_NAMES, Units
@@ -175,10 +178,15 @@ def _get(data: dict[str, Any], key: str, default: Any) -> Any:
     return data[key]
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _uuid(data: dict[str, Any], key: str, optional: bool = False) -> Any:
     value = _get(data, key, None if optional else _REQUIRED)
     if value is None:
         return None
+    if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
+        return value  # as the broker writes them; anything else is parsed below
     try:
         return str(uuid.UUID(str(value)))
     except ValueError:
@@ -282,6 +290,7 @@ def _insert(dialect: str) -> Any:
 
 def _row(event: UsageEvent, written_at: dt.datetime) -> dict[str, Any]:
     return {
+        "id": uuid7(),
         "tenant_id": uuid.UUID(event.tenant_id),
         "device_id": uuid.UUID(event.device_id),
         "product_id": uuid.UUID(event.product_id) if event.product_id else None,
@@ -497,26 +506,27 @@ class UsageWriter:
         if not rows:
             return []
         session = db.session
-        insert = _insert(session.get_bind().dialect.name)
         try:
-            session.execute(insert, [row for _, _, row in rows])
+            insert_ignoring_duplicates(_table, [row for _, _, row in rows], _UNIQUE_KEY)
             for hook in _settled_hooks:
                 hook([event for _, event, _ in rows])
             session.commit()
             return []
-        except (IntegrityError, DataError):
+        except (IntegrityError, DataError, psycopg.errors.IntegrityError,
+                psycopg.errors.DataError):
             session.rollback()
         # One bad row fails the whole statement: find it, one transaction per row (rare).
         refused = []
         for entry, event, row in rows:
             try:
-                session.execute(insert, [row])
+                insert_ignoring_duplicates(_table, [row], _UNIQUE_KEY)
                 for hook in _settled_hooks:
                     hook([event])
                 session.commit()
-            except (IntegrityError, DataError) as exc:
+            except (IntegrityError, DataError, psycopg.errors.IntegrityError,
+                    psycopg.errors.DataError) as exc:
                 session.rollback()
-                refused.append((entry, f"refused by the database: {exc.orig}"))
+                refused.append((entry, f"refused by the database: {getattr(exc, 'orig', exc)}"))
         return refused
 
     def _dead_letter(self, dead: list[tuple[Entry, str]]) -> None:
