@@ -25,7 +25,7 @@ from billing.enforcement import billing_keys
 from billing.models import CreditPackage, EntryKind, LedgerEntry
 from core.db import db, on_commit, utcnow
 from core.redis import get_redis
-from inference.usage import FIELD, usage_stream
+from inference.usage import entry_data, usage_stream
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def expected_state(tenant_id: uuid.UUID) -> State:
     pending_grants: dict[str, int] = {}
     causes = {}
     for _, fields in entries:
-        event = orjson.loads(fields[FIELD.encode()])
+        event = entry_data(fields)
         causes[f"{event['device_id']}:{event['request_id']}:{event['admitted_at_ms']}"] = event
     written = set(db.session.scalars(select(LedgerEntry.cause_id).where(
         LedgerEntry.tenant_id == tenant_id, LedgerEntry.cause_type == "usage_event",

@@ -206,9 +206,12 @@ class CreditHook:
         result: list[Any] = []
 
         async def run(pipe: Any) -> None:
+            units = event.units
             pipe.evalsha(self.scripts.sha["settle"], 7, k["inflight"], k["streams"], k["usage"],
                          b["acct"], b["pkgs"], b["resv"], b["grants"],
-                         event.stream_id, event.device_id, encode(event), int(time.time()))
+                         event.stream_id, event.device_id, encode(event), int(time.time()),
+                         units.input_tokens, units.output_tokens, units.audio_in_ms,
+                         units.audio_out_ms, units.images, units.tool_calls)
             pipe.sadd(f"{self.prefix}:{USAGE_STREAMS_SET}", k["usage"])
             result[:] = await pipe.execute()
 

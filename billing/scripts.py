@@ -137,10 +137,12 @@ return taken
 """
 
 # KEYS: inflight, streams, usage stream, acct, pkgs, resv, grants
-# ARGV: stream id, device, event JSON, now (epoch s)
-# Prices the event's units with the reservation's rate card (ceiling per block and metric),
-# commits along the reservation, takes an overshoot along the burn order (what none of it
-# covers is recorded as `overdraft`), gives the rest back and appends the priced event.
+# ARGV: stream id, device, event JSON, now (epoch s), then the units in UNIT_NAMES order
+# Prices the units with the reservation's rate card (ceiling per block and metric), commits
+# along the reservation, takes an overshoot along the burn order (what none of it covers is
+# recorded as `overdraft`), gives the rest back and appends the event with its price beside it
+# (entry fields `e`: the event as the broker encoded it, `p`: credits, credit_split, grants,
+# rate_card_version; the writer merges them), so the event is never decoded here.
 SETTLE = """
 local KEYS_GRANTS = KEYS[7]
 """ + TAKE + """
@@ -153,11 +155,12 @@ if not raw then
 end
 redis.call('HDEL', KEYS[6], ARGV[1])
 local reservation = cjson.decode(raw)
-local event = cjson.decode(ARGV[3])
+local units = {input_tokens = ARGV[5], output_tokens = ARGV[6], audio_in_ms = ARGV[7],
+               audio_out_ms = ARGV[8], images = ARGV[9], tool_calls = ARGV[10]}
 local price = 0
 for metric, rate in pairs(reservation['r']) do
-  local units = tonumber(event['units'][metric] or 0)
-  if units > 0 then price = price + math.ceil(units / rate[1]) * rate[2] end
+  local used = tonumber(units[metric] or 0)
+  if used > 0 then price = price + math.ceil(used / rate[1]) * rate[2] end
 end
 local split = {}
 local grants = {}
@@ -175,15 +178,17 @@ if left > 0 then
   for _, part in ipairs(order) do split[part[1]] = (split[part[1]] or 0) + part[2] end
   if left > 0 then split['overdraft'] = left end
 end
+local has_grants = false
 for account, _ in pairs(split) do
   if string.sub(account, 1, 10) == 'allowance:' then
     grants[account] = tonumber(redis.call('HGET', KEYS_GRANTS, account) or '0')
+    has_grants = true
   end
 end
-event['credits'] = price
-if next(split) ~= nil then event['credit_split'] = split end
-if next(grants) ~= nil then event['grants'] = grants end
-event['rate_card_version'] = reservation['v']
-redis.call('XADD', KEYS[3], '*', 'e', cjson.encode(event))
-return {1, price, cjson.encode(split)}
+local priced = {credits = price, rate_card_version = reservation['v']}
+if next(split) ~= nil then priced['credit_split'] = split end
+if has_grants then priced['grants'] = grants end
+local encoded_split = cjson.encode(split)
+redis.call('XADD', KEYS[3], '*', 'e', ARGV[3], 'p', cjson.encode(priced))
+return {1, price, encoded_split}
 """

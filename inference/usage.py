@@ -57,7 +57,8 @@ from inference.units import UNIT_NAMES, Units
 log = logging.getLogger(__name__)
 
 GROUP = "usage-writer"
-FIELD = "e"
+FIELD = "e"  # the event as the broker encoded it
+PRICE_FIELD = "p"  # billing's price of it, when billing set it apart (merged into the event)
 KINDS = ("text", "vision", "voice")
 FINISHES = ("stop", "length", "abort", "quota_exhausted", "error")
 SETTLED_BY = ("broker", "sweeper")
@@ -122,11 +123,23 @@ def encode(event: UsageEvent) -> str:
     return orjson.dumps(event).decode()  # dataclasses, nested ones too, natively
 
 
-def decode(text: str | bytes) -> UsageEvent:
-    """Parse and validate; unknown keys are ignored so an older writer accepts a newer broker's
-    events."""
+def entry_data(fields: dict[bytes, bytes]) -> Any:
+    """A stream entry's event as JSON data: the event with its price merged in."""
+    data = orjson.loads(fields.get(FIELD.encode(), b""))
+    price = fields.get(PRICE_FIELD.encode())
+    if price is not None and isinstance(data, dict):
+        priced = orjson.loads(price)
+        if not isinstance(priced, dict):
+            raise UsageDecodeError("the price is not a JSON object")
+        data.update(priced)
+    return data
+
+
+def decode(text: str | bytes | dict[bytes, bytes]) -> UsageEvent:
+    """Parse and validate an encoded event or a stream entry's fields; unknown keys are ignored
+    so an older writer accepts a newer broker's events."""
     try:
-        data = orjson.loads(text)
+        data = entry_data(text) if isinstance(text, dict) else orjson.loads(text)
     except (orjson.JSONDecodeError, TypeError) as exc:
         raise UsageDecodeError(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -482,7 +495,7 @@ class UsageWriter:
             if fields is None:
                 continue  # deleted while pending: nothing left to write, only to acknowledge
             try:
-                event = decode(fields.get(FIELD.encode(), b""))
+                event = decode(fields)
                 rows.append((entry, event, _row(event, written_at)))
             except UsageDecodeError as exc:
                 dead.append((entry, str(exc)))

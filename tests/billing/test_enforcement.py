@@ -21,7 +21,7 @@ from core.redis import get_redis
 from inference.directory import DeviceProfile, profile_key
 from inference.hook import Refused
 from inference.units import Units
-from inference.usage import UsageEvent, UsageWriter, usage_stream
+from inference.usage import UsageEvent, UsageWriter, entry_data, usage_stream
 from tests.billing.credit import (
     Billed,
     allow_overage,
@@ -196,7 +196,8 @@ def test_settle_gives_back_what_was_not_used_and_the_event_carries_the_price(
     assert event.credit_split == {ledger.package_account(package.id): 4}
     assert live(billed)[ledger.package_account(package.id)] == 46
     [(_, fields)] = get_redis().xrange(usage_stream(billed.tenant_id))
-    appended = orjson.loads(fields[b"e"])
+    assert orjson.loads(fields[b"e"])["credits"] == 0  # as the broker encoded it
+    appended = entry_data(fields)  # with the price the settle script set beside it
     assert appended["credits"] == 4 and appended["credit_split"] == event.credit_split
     drain(committed_app)
     assert ledger.balance(billed.tenant_id, ledger.package_account(package.id)) == 46

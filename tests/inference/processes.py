@@ -21,6 +21,7 @@ from core.mqtt import MqttTarget
 from inference.client import DeviceClient, Reply, new_request_id
 from inference.hook import keys
 from inference.link import MqttLink
+from inference.usage import entry_data
 from tests.support.processes import ManagedProcess, flask_command
 
 SERVING = re.compile(r"inference broker (b[0-9a-f]{8}) serving on")
@@ -153,7 +154,7 @@ def terminals(reply: Any) -> list[dict[str, Any]]:
 
 def usage_events(client: Any, prefix: str, tenant_id: str) -> list[dict[str, Any]]:
     stream = keys(prefix, tenant_id)["usage"]
-    return [json.loads(fields[b"e"]) for _, fields in client.xrange(stream)]
+    return [entry_data(fields) for _, fields in client.xrange(stream)]
 
 
 def in_flight(client: Any, prefix: str, tenant_id: str) -> dict[str, dict[str, Any]]:
