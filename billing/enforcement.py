@@ -24,8 +24,10 @@ last, partly used block is priced whole).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -115,6 +117,28 @@ def allowance_grant(licence: Mapping[str, Any], month: str) -> int:
     return int(licence.get("allowance", 0))
 
 
+TERMS_CACHE_SIZE = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    rates: dict[str, tuple[int, int]]
+    allowance: str
+    grant: int
+    overage: str
+    overage_limit: int
+    header: str
+    licence: Mapping[str, Any]  # kept alive: the cache key holds its id
+
+
+@functools.lru_cache(maxsize=4096)
+def local_calendar(timezone: str, minute: int) -> tuple[str, str]:
+    """The tenant's month (``YYYY-MM``) and day (``YYYYMMDD``) during this UTC minute (every
+    zone's offset is a whole number of minutes)."""
+    local = dt.datetime.fromtimestamp(minute * 60, tenant_zone(timezone))
+    return local.strftime("%Y-%m"), local.strftime("%Y%m%d")
+
+
 class CreditHook:
     def __init__(self, redis: Redis, prefix: str, *, chunk: Units,
                  dedup_window: int = DEDUP_WINDOW_SECONDS) -> None:
@@ -127,6 +151,7 @@ class CreditHook:
                                settle=scripts.SETTLE, checkpoint=CHECKPOINT,
                                limits_admit=LIMITS_ADMIT)
         self._tenants_seen: set[str] = set()
+        self._terms_cache: dict[tuple[str, str, int, bool], Terms] = {}
 
     def chunk_for(self, kind: str) -> Units:
         chunk = Units(output_tokens=self.chunk.output_tokens)
@@ -143,17 +168,13 @@ class CreditHook:
         if refusal is not None:
             raise refusal
         now_ms = int(now * 1000)
-        local = dt.datetime.fromtimestamp(now, tenant_zone(device.timezone))
-        month = local.strftime("%Y-%m")
-        version, rates = rates_at(licence, now)
+        minute = int(now // 60)
+        month, day = local_calendar(device.timezone, minute)
+        terms = self._terms(device, month, now)
+        rates = terms.rates
         wanted = price(rates, estimate + self.chunk_for(kind))
         at_least = price(rates, estimate)
         at_least = at_least + 1 if wanted > at_least else wanted
-        allowance = f"allowance:{device.device_id}:{month}"
-        grant = allowance_grant(licence, month)
-        order = [allowance, grant, f"overage:{month}", int(licence.get("overage_limit", -1))]
-        header = orjson.dumps({"r": {m: list(r) for m, r in rates.items()}, "v": version,
-                               "o": order}).decode()
         admission = Admission(device, request_id, stream_id, kind, now_ms, owner, None)
         k = keys(self.prefix, device.tenant_id)
         b = billing_keys(self.prefix, device.tenant_id)
@@ -166,10 +187,10 @@ class CreditHook:
              b["resv"], b["grants"]],
             [device.device_id, request_id, stream_id,
              in_flight_record(admission, Units(), now_ms=now_ms), self.dedup_window,
-             int(now // 60), device.requests_per_minute, device.concurrent_streams,
-             local.strftime("%Y%m%d"), device.daily_request_cap or 0,
-             max(1, int(60 - now % 60)), wanted, at_least, allowance, grant, int(now),
-             order[2], order[3], header])
+             minute, device.requests_per_minute, device.concurrent_streams,
+             day, device.daily_request_cap or 0,
+             max(1, int(60 - now % 60)), wanted, at_least, terms.allowance, terms.grant,
+             int(now), terms.overage, terms.overage_limit, terms.header])
         code = code.decode() if isinstance(code, bytes) else code
         if code != "ok":
             refused = Refused(code, request_id=request_id,
@@ -180,6 +201,27 @@ class CreditHook:
         if wanted > 0:
             admission.budget = budget_for(rates, int(taken), estimate)
         return admission
+
+    def _terms(self, device: DeviceProfile, month: str, now: float) -> Terms:
+        """What a device's admissions this month share, built once: the rate card, the burn
+        order's accounts and the reservation header the scripts keep."""
+        licence = device.licence
+        card = licence.get("next_rates")
+        current = card is not None and now >= card["from"]
+        key = (device.device_id, month, id(licence), current)
+        terms = self._terms_cache.get(key)
+        if terms is None:
+            if len(self._terms_cache) > TERMS_CACHE_SIZE:
+                self._terms_cache.clear()
+            version, rates = rates_at(licence, now)
+            allowance = f"allowance:{device.device_id}:{month}"
+            grant = allowance_grant(licence, month)
+            overage, limit = f"overage:{month}", int(licence.get("overage_limit", -1))
+            header = orjson.dumps({"r": {m: list(r) for m, r in rates.items()}, "v": version,
+                                   "o": [allowance, grant, overage, limit]}).decode()
+            terms = self._terms_cache[key] = Terms(rates, allowance, grant, overage, limit,
+                                                    header, licence)
+        return terms
 
     async def extend(self, admission: Admission, used: Units) -> Units | None:
         rates = admission.state["rates"]
