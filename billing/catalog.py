@@ -143,6 +143,31 @@ def create_package_offer(code: str, name: str, credits: int, validity_days: int,
     return offer
 
 
+def get_offer(offer_id: uuid.UUID | str) -> PackageOffer:
+    offer: PackageOffer = get_by_id(PackageOffer, offer_id, "package offer")
+    return offer
+
+
+def set_plan_active(plan: Plan, active: bool) -> None:
+    """Take a plan off sale or put it back. Only new orders see it: seats already bought,
+    licences and their rate cards are untouched."""
+    if plan.active is not active:
+        plan.active = active
+        db.session.flush()
+        accounts.record_audit("plan.reactivate" if active else "plan.deactivate",
+                              tenant_id=None, target=plan, details={"code": plan.code})
+
+
+def set_offer_active(offer: PackageOffer, active: bool) -> None:
+    """Take a package offer off sale or put it back; packages already bought are untouched."""
+    if offer.active is not active:
+        offer.active = active
+        db.session.flush()
+        accounts.record_audit("package_offer.reactivate" if active
+                              else "package_offer.deactivate",
+                              tenant_id=None, target=offer, details={"code": offer.code})
+
+
 def offer_price(offer: PackageOffer, currency: str) -> int:
     for price in offer.prices:
         if price.currency == currency:

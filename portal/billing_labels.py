@@ -1,5 +1,5 @@
 """How the billing pages write what billing speaks in codes and minor units: purchase statuses,
-metric names, and money."""
+metric names, plan billing and modalities, and money."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import decimal
 
 from babel.numbers import get_currency_precision
 from flask.sansio.blueprints import BlueprintSetupState
-from flask_babel import format_currency, lazy_gettext
+from flask_babel import format_currency, format_decimal, lazy_gettext
 from flask_babel import lazy_pgettext as pgettext  # lazy, under the name the extractor knows
 from flask_babel.speaklater import LazyString
 
-from billing.models import PurchaseKind, PurchaseStatus
+from billing.models import PlanBilling, PurchaseKind, PurchaseStatus
 from portal.blueprint import bp
 
 # In context: "Paid" and "Pending" are words of other states too.
@@ -41,6 +41,17 @@ METRIC_LABELS: dict[str, LazyString] = {
     "tool_calls": lazy_gettext("Tool calls"),
 }
 
+BILLING_LABELS: dict[PlanBilling, LazyString] = {
+    PlanBilling.PREPAID: lazy_gettext("Prepaid"),
+    PlanBilling.POSTPAID: lazy_gettext("Postpaid"),
+}
+
+MODALITY_LABELS: dict[str, LazyString] = {
+    "text": lazy_gettext("Text"),
+    "voice": lazy_gettext("Voice"),
+    "vision": lazy_gettext("Vision"),
+}
+
 
 def money(amount_minor: int, currency: str) -> str:
     """Integer minor units as the reader's locale writes the amount: exact, as a ``Decimal``
@@ -49,10 +60,18 @@ def money(amount_minor: int, currency: str) -> str:
     return str(format_currency(amount, currency))
 
 
+def per_credit(minor_units: decimal.Decimal) -> str:
+    """A price or value of one credit, in minor units with up to the 6 decimals billing keeps
+    (a fraction of a cent, so not written as money)."""
+    return str(format_decimal(minor_units, format="#,##0.######"))
+
+
 @bp.record_once
 def _billing_labels(state: BlueprintSetupState) -> None:
     state.app.jinja_env.globals.update(
         purchase_status_label=PURCHASE_STATUS_LABELS.get,
         purchase_status_style=PURCHASE_STATUS_STYLES.get,
-        purchase_kind_label=PURCHASE_KIND_LABELS.get, metric_label=METRIC_LABELS.get)
+        purchase_kind_label=PURCHASE_KIND_LABELS.get, metric_label=METRIC_LABELS.get,
+        billing_label=BILLING_LABELS.get, modality_label=MODALITY_LABELS.get)
     state.app.jinja_env.filters["money"] = money
+    state.app.jinja_env.filters["per_credit"] = per_credit

@@ -95,6 +95,7 @@ FIELD_MESSAGES = (
     lazy_gettext("Already a member."),
     lazy_gettext("Already registered."),
     lazy_gettext("Use en or zh_Hans."),
+    lazy_gettext("Must not be in the past."),  # billing.catalog.publish_rate_card
 )
 
 

@@ -1,6 +1,7 @@
 """The ``portal`` blueprint with all its pages; ``app.py`` registers :data:`bp`."""
 
 from portal import (  # noqa: F401 - imported for the routes they add to the blueprint
+    admin_catalogue_views,
     admin_views,
     audit_views,
     auth_views,
