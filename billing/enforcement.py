@@ -253,7 +253,7 @@ class CreditHook:
                          b["acct"], b["pkgs"], b["resv"], b["grants"],
                          event.stream_id, event.device_id, encode(event), int(time.time()),
                          units.input_tokens, units.output_tokens, units.audio_in_ms,
-                         units.audio_out_ms, units.images, units.tool_calls)
+                         units.audio_out_ms, units.images, units.tool_calls, event.broker)
             pipe.sadd(f"{self.prefix}:{USAGE_STREAMS_SET}", k["usage"])
             result[:] = await pipe.execute()
 

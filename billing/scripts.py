@@ -17,6 +17,8 @@ overage when the tenant allows it, up to its cap.
 
 from __future__ import annotations
 
+from inference.hook import SETTLED_TTL_SECONDS
+
 TAKE = """
 local function add(order, account, n)
   order[#order + 1] = {account, n}
@@ -137,7 +139,8 @@ return taken
 """
 
 # KEYS: inflight, streams, usage stream, acct, pkgs, resv, grants
-# ARGV: stream id, device, event JSON, now (epoch s), then the units in UNIT_NAMES order
+# ARGV: stream id, device, event JSON, now (epoch s), the units in UNIT_NAMES order (5-10),
+#       settler (11)
 # Prices the units with the reservation's rate card (ceiling per block and metric), commits
 # along the reservation, takes an overshoot along the burn order (what none of it covers is
 # recorded as `overdraft`), gives the rest back and appends the event with its price beside it
@@ -145,11 +148,22 @@ return taken
 # rate_card_version; the writer merges them), so the event is never decoded here.
 SETTLE = """
 local KEYS_GRANTS = KEYS[7]
+local SETTLED_TTL = """ + str(SETTLED_TTL_SECONDS) + """
 """ + TAKE + """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return {0, 0} end
+local done = KEYS[1] .. ':settled:' .. ARGV[1]
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+  -- this settler's own settle sent again after its answer was lost: the same answer
+  local previous = redis.call('GET', done)
+  if previous then
+    local settler, price, split = string.match(previous, '^(.-)\\n(.-)\\n(.*)$')
+    if settler == ARGV[11] then return {1, tonumber(price), split} end
+  end
+  return {0, 0}
+end
 if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end
 local raw = redis.call('HGET', KEYS[6], ARGV[1])
 if not raw then
+  redis.call('SET', done, ARGV[11] .. '\\n0\\n{}', 'EX', SETTLED_TTL)
   redis.call('XADD', KEYS[3], '*', 'e', ARGV[3])
   return {1, 0}
 end
@@ -189,6 +203,7 @@ local priced = {credits = price, rate_card_version = reservation['v']}
 if next(split) ~= nil then priced['credit_split'] = split end
 if has_grants then priced['grants'] = grants end
 local encoded_split = cjson.encode(split)
+redis.call('SET', done, ARGV[11] .. '\\n' .. price .. '\\n' .. encoded_split, 'EX', SETTLED_TTL)
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[3], 'p', cjson.encode(priced))
 return {1, price, encoded_split}
 """

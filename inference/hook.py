@@ -111,9 +111,19 @@ redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
 return {'ok', 0, 0}
 """
 
-# KEYS: inflight, streams, usage stream; ARGV: stream id, device, event JSON
+# A settle re-sent by the client after its answer was lost (redis-py runs a pipeline again
+# after a connection error) finds its stream gone: a marker naming who settled it, kept a few
+# minutes, tells that settler it was its own settle and not a sweeper's.
+SETTLED_TTL_SECONDS = 300
+
+# KEYS: inflight, streams, usage stream; ARGV: stream id, device, event JSON, settler
 SETTLE = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local done = KEYS[1] .. ':settled:' .. ARGV[1]
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+  if redis.call('GET', done) == ARGV[4] then return 1 end
+  return 0
+end
+redis.call('SET', done, ARGV[4], 'EX', """ + str(SETTLED_TTL_SECONDS) + """)
 if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[3])
 return 1
@@ -227,7 +237,7 @@ async def settle_event(redis: Redis, scripts: Scripts, prefix: str, event: Usage
 
     async def run(pipe: Any) -> None:
         pipe.evalsha(scripts.sha["settle"], 3, k["inflight"], k["streams"], k["usage"],
-                     event.stream_id, event.device_id, encode(event))
+                     event.stream_id, event.device_id, encode(event), event.broker)
         pipe.sadd(f"{prefix}:{USAGE_STREAMS_SET}", k["usage"])
         result[:] = await pipe.execute()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from dataclasses import replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -189,13 +190,18 @@ def test_settle_gives_back_what_was_not_used_and_the_event_carries_the_price(
         admission = await admit(hook, billed, estimate=Units(input_tokens=2500))
         event = event_for(admission, Units(input_tokens=2500, output_tokens=30))
         assert await hook.settle(admission, event)
-        assert not await hook.settle(admission, event)  # once
+        # Sent again by the same broker (its answer lost): the same answer, settled once.
+        again = replace(event, credits=0, credit_split={})
+        assert await hook.settle(admission, again)
+        assert (again.credits, again.credit_split) == (event.credits, event.credit_split)
+        # A sweeper racing for it is told it is settled.
+        assert not await hook.settle(None, replace(event, broker="sweeper-1"))
         return event
     event = run(scenario)
     assert event.credits == 3 + 1
     assert event.credit_split == {ledger.package_account(package.id): 4}
     assert live(billed)[ledger.package_account(package.id)] == 46
-    [(_, fields)] = get_redis().xrange(usage_stream(billed.tenant_id))
+    [(_, fields)] = get_redis().xrange(usage_stream(billed.tenant_id))  # appended once
     assert orjson.loads(fields[b"e"])["credits"] == 0  # as the broker encoded it
     appended = entry_data(fields)  # with the price the settle script set beside it
     assert appended["credits"] == 4 and appended["credit_split"] == event.credit_split

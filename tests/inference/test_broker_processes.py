@@ -364,6 +364,10 @@ def test_a_killed_brokers_stream_is_settled_once_by_the_sweeper(
             scripts = Scripts(redis, admit=ADMIT, settle=SETTLE, checkpoint=CHECKPOINT)
             assert not await settle_event(redis, scripts, prefix,
                                           orphan_event(record, event["settled_at_ms"], "x"))
+            # The sweeper that settled it, sending its settle again (its answer lost on the
+            # way back), is told it did, and nothing is appended twice.
+            assert await settle_event(redis, scripts, prefix,
+                                      orphan_event(record, event["settled_at_ms"], b.process_id))
             assert await Sweeper(in_process_broker(platform, redis)).sweep() == 0
             events = [e for e in usage_events(redis_client, prefix, tenant_id)
                       if e["request_id"] == reply.request_id]
