@@ -2,7 +2,9 @@
 
 The broker settles a request in one Redis script that deletes its in-flight record and appends
 the encoded :class:`UsageEvent` to the tenant's usage stream (``usage:{t:<tenant>}``, entries
-``e <json>``); the stream's key is also added to the discovery set ``usage:streams``.
+``e <json>``, and with billing's credit hook ``p <json>``: the price set beside the event by
+the settle script, merged into it when read); the stream's key is also added to the discovery
+set ``usage:streams``.
 :class:`UsageWriter` (the ``usage-writer`` consumer group) reads every stream, inserts a batch
 in one statement that ignores rows already written (``ON CONFLICT (device_id, request_id,
 admitted_at) DO NOTHING``), commits, and only then acknowledges and deletes the entries.
