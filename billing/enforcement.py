@@ -80,15 +80,12 @@ def price(rates: Rates, units: Units) -> int:
 def budget_for(rates: Rates, reserved: int, used: Units) -> Units:
     """The units a stream may reach with ``reserved`` credits, one metric at a time: what is
     left of the current block plus the whole blocks the slack still pays for."""
-    slack = reserved - price(rates, used)
-    budget = Units(*(UNLIMITED for _ in UNIT_NAMES))
+    slack = max(0, reserved - price(rates, used))
+    budget = dict.fromkeys(UNIT_NAMES, UNLIMITED)
     for metric, (block, credits) in rates.items():
-        if credits == 0:
-            continue
-        now = getattr(used, metric)
-        blocks_used = -(-now // block)
-        setattr(budget, metric, blocks_used * block + max(0, slack) // credits * block)
-    return budget
+        if credits:
+            budget[metric] = (-(-getattr(used, metric) // block) + slack // credits) * block
+    return Units(**budget)
 
 
 def licence_refusal(licence: Mapping[str, Any], kind: str, now: float,
@@ -152,13 +149,12 @@ class CreditHook:
                                limits_admit=LIMITS_ADMIT)
         self._tenants_seen: set[str] = set()
         self._terms_cache: dict[tuple[str, str, int, bool], Terms] = {}
+        self._output_chunk = Units(output_tokens=chunk.output_tokens)
+        self._voice_chunk = Units(output_tokens=chunk.output_tokens,
+                                  audio_in_ms=chunk.audio_in_ms, audio_out_ms=chunk.audio_out_ms)
 
     def chunk_for(self, kind: str) -> Units:
-        chunk = Units(output_tokens=self.chunk.output_tokens)
-        if kind == "voice":
-            chunk.audio_in_ms = self.chunk.audio_in_ms
-            chunk.audio_out_ms = self.chunk.audio_out_ms
-        return chunk
+        return self._voice_chunk if kind == "voice" else self._output_chunk
 
     async def admit(self, device: DeviceProfile, request_id: str, kind: str, estimate: Units,
                     *, stream_id: str, owner: str) -> Admission:
