@@ -15,14 +15,16 @@ FLEET_READ = "fleet:read"
 FLEET_WRITE = "fleet:write"
 BILLING_READ = "billing:read"
 BILLING_WRITE = "billing:write"
-INFERENCE_READ = "inference:read"  # settings, providers, devices' requests and transcripts
+INFERENCE_READ = "inference:read"  # settings, providers, devices' requests
+# What end users said and heard: the people who run and support the devices, not everyone.
+TRANSCRIPTS_READ = "transcripts:read"
 INFERENCE_WRITE = "inference:write"  # settings and providers (data deletion is fleet:write)
 
 ALL = frozenset(
     {
         TENANT_READ, TENANT_WRITE, TEAM_READ, TEAM_WRITE, TOKENS_READ, TOKENS_WRITE,
         AUDIT_READ, FLEET_READ, FLEET_WRITE, BILLING_READ, BILLING_WRITE, INFERENCE_READ,
-        INFERENCE_WRITE,
+        INFERENCE_WRITE, TRANSCRIPTS_READ,
     }
 )
 READ_ONLY = frozenset(p for p in ALL if p.endswith(":read"))
@@ -31,8 +33,8 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.OWNER: ALL,
     Role.DEVELOPER: READ_ONLY | {TOKENS_WRITE, FLEET_WRITE, INFERENCE_WRITE},
     Role.OPERATIONS: (READ_ONLY - {TOKENS_READ}) | {FLEET_WRITE},
-    Role.FINANCE: (READ_ONLY - {TOKENS_READ}) | {BILLING_WRITE},
-    Role.VIEWER: READ_ONLY - {TOKENS_READ, AUDIT_READ},
+    Role.FINANCE: (READ_ONLY - {TOKENS_READ, TRANSCRIPTS_READ}) | {BILLING_WRITE},
+    Role.VIEWER: READ_ONLY - {TOKENS_READ, AUDIT_READ, TRANSCRIPTS_READ},
 }
 
 SCOPE_PERMISSIONS: dict[TokenScope, frozenset[str]] = {

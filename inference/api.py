@@ -101,7 +101,7 @@ def device_requests(args: dict[str, Any], device_id: str) -> Any:
 
 @blp.route("/devices/<device_id>/transcripts", methods=["GET"])
 @owned_resource(Device)
-@require(perm.INFERENCE_READ)
+@require(perm.TRANSCRIPTS_READ)
 @blp.response(200, schemas.DeviceTranscriptList)
 def device_transcripts(device_id: str) -> Any:
     """The device's recent turns (at most 50, newest first), kept as long as the tenant's

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from flask import flash, redirect, render_template, request, url_for
+from flask import flash, g, redirect, render_template, request, url_for
 from flask.blueprints import BlueprintSetupState
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
@@ -87,7 +87,8 @@ def device_inference(device: Device) -> dict[str, Any]:
     """What the device page shows of the device's inference: its newest requests and
     transcripts, and whether there are older requests."""
     page = services.recent_requests(device.tenant_id, device.id, limit=ON_DEVICE_PAGE)
-    transcripts = services.recent_transcripts(device.tenant_id, device.id)[:ON_DEVICE_PAGE]
+    transcripts = services.recent_transcripts(device.tenant_id, device.id)[:ON_DEVICE_PAGE] \
+        if perm.TRANSCRIPTS_READ in g.get("permissions", frozenset()) else []
     return {"requests": page["items"], "more": page["next_cursor"] is not None,
             "transcripts": [{**t, "at": _moment(t.get("at"))} for t in transcripts]}
 

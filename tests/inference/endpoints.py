@@ -13,6 +13,7 @@ from tests.core.endpoints import ALL_ROLES, Endpoint
 from tests.fleet.endpoints import FLEET_WRITERS
 
 READ = "inference:read"
+TRANSCRIPTS = "transcripts:read"
 WRITE = "inference:write"
 SETTINGS_WRITERS = frozenset({Role.OWNER, Role.DEVELOPER})
 
@@ -40,7 +41,8 @@ ENDPOINTS = {
     (PROVIDER, "PATCH"): _write({"model": "gpt-4o", "enabled": False}),
     (PROVIDER, "DELETE"): _write(),
     (f"{DEVICE}/requests", "GET"): _read(),
-    (f"{DEVICE}/transcripts", "GET"): _read(),
+    (f"{DEVICE}/transcripts", "GET"): Endpoint(
+        TRANSCRIPTS, frozenset({Role.OWNER, Role.DEVELOPER, Role.OPERATIONS})),
     (f"{DEVICE}/inference-data", "DELETE"): Endpoint("fleet:write", FLEET_WRITERS),
 }
 

@@ -144,6 +144,21 @@ def test_the_page_shows_recent_transcripts_escaped(client: Any, app: Any,
                                                                              "Hi there."]
 
 
+@pytest.mark.parametrize("role,shown", [(Role.OPERATIONS, True), (Role.DEVELOPER, True),
+                                        (Role.FINANCE, False), (Role.VIEWER, False)])
+def test_transcripts_are_shown_only_to_roles_that_support_devices(
+        client: Any, app: Any, redis_client: redis_lib.Redis, vendor: Vendor, active: Device,
+        role: Role, shown: bool) -> None:
+    """What end users said is for the people who run and support the devices."""
+    remember_transcripts(app, redis_client, active,
+                         {"id": "c" * 32, "kind": "text", "asked": "A private question",
+                          "answer": "A private answer.", "at": NOW_MS})
+    log_in_as(client, vendor, role)
+    page = text(client.get(url(active)))
+    assert ("A private question" in page) is shown
+    assert ("Recent transcripts" in page) is shown
+
+
 def test_try_it_is_offered_to_writers_on_active_devices(client: Any, vendor: Vendor,
                                                         active: Device) -> None:
     provisioned = make_device(vendor.product)
@@ -155,7 +170,7 @@ def test_try_it_is_offered_to_writers_on_active_devices(client: Any, vendor: Ven
     assert 'data-testid="try-form"' not in text(client.get(url(provisioned)))
 
 
-def test_a_viewer_sees_the_requests_but_cannot_try_or_delete(
+def test_a_viewer_sees_the_requests_but_not_the_transcripts_and_cannot_try_or_delete(
         client: Any, app: Any, redis_client: redis_lib.Redis, vendor: Vendor,
         active: Device) -> None:
     write_through_pipeline(app, redis_client, usage(active, 1))
@@ -163,13 +178,14 @@ def test_a_viewer_sees_the_requests_but_cannot_try_or_delete(
         "id": "a" * 32, "kind": "text", "asked": "Hello?", "answer": "Hi.", "at": NOW_MS})
     log_in_as(client, vendor, Role.VIEWER)
     page = text(client.get(url(active)))
-    assert len(shown_requests(page)) == 1 and "Hello?" in page
+    assert len(shown_requests(page)) == 1 and "Hello?" not in page  # transcripts: not theirs
     assert 'data-testid="try-form"' not in page
     assert 'data-testid="device-delete-conversation-data"' not in page
     for action in ("try", "conversation-data/delete"):
         response = post(client, url(active, action), {"text": "hi"}, page=url(active))
         assert response.status_code == 403, action
-    assert "Hello?" in text(client.get(url(active)))
+    prefix = app.config["ENSOUL_REDIS_PREFIX"]
+    assert redis_client.exists(recent_key(prefix, str(active.tenant_id), str(active.id)))
     assert audit_actions(active) == []
 
 
