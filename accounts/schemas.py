@@ -48,8 +48,15 @@ class MemberUpdateIn(ma.Schema):
     role = ma.fields.Enum(Role, by_value=True, required=True)
 
 
+EMAIL_PLAIN_PATTERN = r"^[^\s\x00-\x1f\x7f\x85\u2028\u2029]+$"
+
+
 class InvitationIn(ma.Schema):
-    email = ma.fields.Email(required=True, validate=ma.validate.Length(max=320))
+    email = ma.fields.Email(required=True, validate=[
+        ma.validate.Length(max=320),
+        # No whitespace or control characters, which the e-mail's To header cannot carry
+        # (RFC 5321 allows some in a quoted local part; nobody's real address has them).
+        ma.validate.Regexp(EMAIL_PLAIN_PATTERN, error="Not a valid e-mail address.")])
     role = ma.fields.Enum(Role, by_value=True, required=True)
 
 

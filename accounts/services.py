@@ -67,6 +67,9 @@ def normalize_email(email: str, field: str = "email") -> str:
         _email_rule(email)
     except ma.ValidationError as exc:
         raise ValidationFailed(details={field: exc.messages}) from exc
+    if len(email.split()) > 1 or any(ord(c) < 32 or ord(c) == 127 for c in email) \
+            or len(email.splitlines()) > 1:  # what a mail header cannot carry
+        raise ValidationFailed(details={field: ["Not a valid e-mail address."]})
     local, _, domain = email.rpartition("@")
     return f"{local}@{domain.lower()}".lower()
 

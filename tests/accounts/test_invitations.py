@@ -146,6 +146,9 @@ def test_inviting_a_member_is_409(client: Any, setup: Any) -> None:
     {"email": "a@example.com", "role": "emperor"},
     {"email": "a@example.com"},
     {"email": 5, "role": "viewer"},
+    # RFC 5321 quoted local parts the mail's To header cannot carry (was a 500, found by fuzzing)
+    {"email": '"\x1c"@example.com', "role": "viewer"},
+    {"email": '"a\x0bb"@example.com', "role": "viewer"},
 ])
 def test_invalid_invitation_is_422(client: Any, setup: Any, mailbox: Any,
                                    body: dict[str, Any]) -> None:
