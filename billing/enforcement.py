@@ -35,6 +35,7 @@ from flask import Flask
 from redis.asyncio import Redis
 
 from billing import scripts
+from billing.pricing import block_price
 from inference.directory import DeviceProfile
 from inference.hook import (
     ADMIT as LIMITS_ADMIT,
@@ -56,7 +57,6 @@ from inference.units import UNIT_NAMES, Units
 from inference.usage import UsageEvent, encode
 
 UNLIMITED = 2**31 - 1  # a metric the rate card does not charge
-MODALITY = {"text": "text", "vision": "vision", "voice": "voice"}
 
 
 def billing_keys(prefix: str, tenant_id: str) -> dict[str, str]:
@@ -69,12 +69,8 @@ Rates = Mapping[str, tuple[int, int]]  # metric -> (block units, credits per blo
 
 
 def price(rates: Rates, units: Units) -> int:
-    total = 0
-    for metric, (block, credits) in rates.items():
-        used = getattr(units, metric)
-        if used > 0:
-            total += -(-used // block) * credits
-    return total
+    return sum(block_price(getattr(units, metric), block, credits)
+               for metric, (block, credits) in rates.items())
 
 
 def budget_for(rates: Rates, reserved: int, used: Units) -> Units:
@@ -95,7 +91,7 @@ def licence_refusal(licence: Mapping[str, Any], kind: str, now: float,
         return Refused("license_expired", request_id=request_id)
     if state != "licensed" or now < licence["starts"]:
         return Refused("license_required", request_id=request_id)
-    if MODALITY.get(kind, kind) not in licence.get("modalities", ()):
+    if kind not in licence.get("modalities", ()):  # text, vision, voice: the plan's names
         return Refused("license_required", f"the device's plan does not include {kind}",
                        request_id=request_id)
     return None

@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 from billing.models import METRICS, RateCard
 
 
+def block_price(units: int, block_units: int, credits_per_block: int) -> int:
+    """The rule, the one place in Python (the settle script has it in Lua): whole blocks."""
+    return -(-units // block_units) * credits_per_block if units > 0 else 0
+
+
 @dataclass(frozen=True, slots=True)
 class Rate:
     block_units: int
@@ -29,9 +34,7 @@ class Rate:
             raise ValueError("a rate needs block_units > 0 and credits_per_block >= 0")
 
     def price(self, units: int) -> int:
-        if units <= 0:
-            return 0
-        return -(-units // self.block_units) * self.credits_per_block
+        return block_price(units, self.block_units, self.credits_per_block)
 
     def units_for(self, credits: int) -> int | None:
         """The most units ``credits`` pay for; ``None`` when this metric is free."""
