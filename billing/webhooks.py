@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import time
@@ -245,7 +246,9 @@ def send(claimed: Claim, config: Mapping[str, Any]) -> Outcome:
             error = f"the receiver answered {status}"
     except webhook_address.AddressRefused as exc:
         error = str(exc)
-    except (OSError, ValueError) as exc:  # refused, reset, timed out, TLS, bad HTTP
+    # Refused, reset, timed out, TLS; bad HTTP (a too long header line, a bad status line) is
+    # an HTTPException, not an OSError: uncaught, the claim would expire and recur forever.
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     duration = round((time.perf_counter() - started) * 1000)
     if error:
