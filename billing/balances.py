@@ -15,11 +15,13 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 import orjson
 from flask import current_app
 from sqlalchemy import select
 
+from accounts.services import get_tenant
 from billing import ledger
 from billing.enforcement import billing_keys
 from billing.models import CreditPackage, EntryKind, LedgerEntry
@@ -110,22 +112,20 @@ class State:
     held: dict[str, int]  # what Redis held then (read with the rest)
 
 
-def _month(tenant_timezone: str, moment: dt.datetime) -> str:
-    from zoneinfo import ZoneInfo
-
-    return moment.astimezone(ZoneInfo(tenant_timezone)).strftime("%Y-%m")
+def _live_months(tenant_timezone: str, now: dt.datetime) -> set[str]:
+    """This month and the previous one in the tenant's calendar: the months whose allowances
+    a stream can still reserve from."""
+    zone = ZoneInfo(tenant_timezone)
+    return {ledger.month_of(now, zone), ledger.month_of(now - dt.timedelta(days=31), zone)}
 
 
 def expected_state(tenant_id: uuid.UUID) -> State:
-    from accounts.models import Tenant
-
     redis = get_redis()
     k = _keys(tenant_id)
     stream = usage_stream(tenant_id)
-    tenant = db.session.get(Tenant, tenant_id)
-    assert tenant is not None
+    tenant = get_tenant(tenant_id)
     now = utcnow()
-    months = {_month(tenant.timezone, now), _month(tenant.timezone, now - dt.timedelta(days=31))}
+    months = _live_months(tenant.timezone, now)
     # Read Redis' in-flight parts first: an event settled after this read is also counted
     # either in the stream or in the ledger, never in neither.
     pipe = redis.pipeline(transaction=True)
@@ -310,8 +310,7 @@ def prune_allowances(tenant_id: uuid.UUID) -> int:
     tenant = db.session.get(Tenant, tenant_id)
     if tenant is None:
         return 0
-    now = utcnow()
-    keep = {_month(tenant.timezone, now), _month(tenant.timezone, now - dt.timedelta(days=31))}
+    keep = _live_months(tenant.timezone, utcnow())
     k = _keys(tenant_id)
     redis = get_redis()
     old = [account for account, _ in redis.hscan_iter(k["acct"], match="allowance:*")
