@@ -22,7 +22,7 @@ from billing.models import (
     PurchaseKind,
     PurchaseStatus,
 )
-from core.db import db, get_by_id, utcnow
+from core.db import db, utcnow
 from core.errors import Conflict, ValidationFailed
 from fleet.access import devices_changed
 
@@ -44,7 +44,7 @@ def order_pack(tenant_id: uuid.UUID, currency: str, plan_id: uuid.UUID | str, se
 
 def order_package(tenant_id: uuid.UUID, currency: str, offer_id: uuid.UUID | str,
                   quantity: int = 1, *, user_id: uuid.UUID | None = None) -> Purchase:
-    offer = _offer(offer_id)
+    offer = catalog.get_offer(offer_id)
     return _order(tenant_id, PurchaseKind.PACKAGE, currency, quantity,
                   catalog.offer_price(offer, currency), user_id, offer_id=offer.id)
 
@@ -92,7 +92,8 @@ def mark_paid(purchase: Purchase, *, user_id: uuid.UUID | None = None,
             devices_changed(purchase.tenant_id, licensed)  # their profiles gain the licence
     else:
         bought = []
-        offer = _offer(purchase.offer_id)
+        assert purchase.offer_id is not None
+        offer = catalog.get_offer(purchase.offer_id)
         for index in range(purchase.quantity):
             package = CreditPackage(
                 tenant_id=purchase.tenant_id, offer_id=offer.id, purchase_id=purchase.id,
@@ -126,11 +127,6 @@ def cancel(purchase: Purchase) -> None:
 def packs(tenant_id: uuid.UUID) -> list[LicencePack]:
     return list(db.session.scalars(select(LicencePack).where(LicencePack.tenant_id == tenant_id)
                                    .order_by(LicencePack.activation_deadline)))
-
-
-def _offer(offer_id: uuid.UUID | str | None) -> PackageOffer:
-    offer: PackageOffer = get_by_id(PackageOffer, offer_id, "package offer")
-    return offer
 
 
 DEMO_SEATS = 50
