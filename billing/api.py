@@ -13,7 +13,14 @@ from sqlalchemy import select
 from accounts import permissions as perm
 from accounts.auth import current_tenant, require
 from billing import costs, ledger, licences, policy, postpaid, purchases, schemas
-from billing.models import CreditPackage, LicencePack, PackageOffer, Plan, Purchase
+from billing.models import (
+    CreditPackage,
+    DeviceLicence,
+    LicencePack,
+    PackageOffer,
+    Plan,
+    Purchase,
+)
 from core.api import api_blueprint
 from core.db import utcnow
 from core.idempotency import idempotent
@@ -118,15 +125,16 @@ def list_licence_packs(args: dict[str, Any]) -> Any:
 def device_licence(device_id: str) -> Any:
     """The seat the device holds now (in its term or grace), if any."""
     device = get_owned(Device, device_id)
-    licence = licences.current_licence(device.id)
+    return _licence_out(licences.current_licence(device.id))
+
+
+def _licence_out(licence: DeviceLicence | None) -> dict[str, Any]:
     if licence is None:
         return {"licensed": False, "plan_id": None, "pack_id": None, "starts_at": None,
                 "ends_at": None, "grace_ends_at": None}
     return {"licensed": True, "plan_id": licence.plan_id, "pack_id": licence.pack_id,
             "starts_at": licence.starts_at, "ends_at": licence.ends_at,
             "grace_ends_at": licence.grace_ends_at}
-
-
 
 @blp.route("/billing/packages", methods=["GET"])
 @require(perm.BILLING_READ)
@@ -170,10 +178,7 @@ def renew_licence(device_id: str) -> Any:
     """A new seat for the device, starting where its live licence ends (or now, when it has
     none). `409` without a free seat, or when a renewal is already waiting."""
     device = get_owned(Device, device_id)
-    licence = licences.renew(device.tenant_id, device.id)
-    return {"licensed": True, "plan_id": licence.plan_id, "pack_id": licence.pack_id,
-            "starts_at": licence.starts_at, "ends_at": licence.ends_at,
-            "grace_ends_at": licence.grace_ends_at}
+    return _licence_out(licences.renew(device.tenant_id, device.id))
 
 
 @blp.route("/devices/<device_id>/cost", methods=["GET"])
@@ -195,5 +200,5 @@ def month_statement(args: dict[str, Any]) -> Any:
     """What a month (`?month=YYYY-MM`, the tenant's calendar; default this month, so far)
     bills in arrears: postpaid device-days and overage."""
     tenant = current_tenant()
-    month = args.get("month") or utcnow().astimezone(ZoneInfo(tenant.timezone)).strftime("%Y-%m")
+    month = args.get("month") or ledger.month_of(utcnow(), ZoneInfo(tenant.timezone))
     return postpaid.statement(tenant.id, month, tenant.timezone, tenant.currency)
