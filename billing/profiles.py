@@ -60,7 +60,7 @@ def _cards(session: Session, plan_ids: Iterable[uuid.UUID], now: dt.datetime
         following = None
         if upcoming:
             following = {**_card(upcoming[0]),
-                         "from": upcoming[0].effective_from.replace(tzinfo=dt.UTC).timestamp()}
+                         "from": _epoch(upcoming[0].effective_from)}
         found[plan_id] = (_card(current[-1]) if current else None, following)
     return found
 
