@@ -69,6 +69,8 @@ REQUEST_ID_MAX = 64
 CRASH_AFTER_COMMIT_ENV = "ENSOUL_USAGE_WRITER_CRASH_AFTER_COMMIT"
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# What the database refuses of a row (through SQLAlchemy on SQLite, the driver on Postgres).
+REFUSED = (IntegrityError, DataError, psycopg.errors.IntegrityError, psycopg.errors.DataError)
 
 SettledHook = Callable[[list["UsageEvent"]], None]
 _settled_hooks: list[SettledHook] = []
@@ -527,8 +529,7 @@ class UsageWriter:
                 hook([event for _, event, _ in rows])
             session.commit()
             return []
-        except (IntegrityError, DataError, psycopg.errors.IntegrityError,
-                psycopg.errors.DataError):
+        except REFUSED:
             session.rollback()
         # One bad row fails the whole statement: find it, one transaction per row (rare).
         refused = []
@@ -538,8 +539,7 @@ class UsageWriter:
                 for hook in _settled_hooks:
                     hook([event])
                 session.commit()
-            except (IntegrityError, DataError, psycopg.errors.IntegrityError,
-                    psycopg.errors.DataError) as exc:
+            except REFUSED as exc:
                 session.rollback()
                 refused.append((entry, f"refused by the database: {getattr(exc, 'orig', exc)}"))
         return refused
