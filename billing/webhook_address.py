@@ -59,6 +59,8 @@ def is_public(address: IPAddress) -> bool:
 
 
 def _parse(url: str) -> tuple[str, str, int, str]:
+    if any(char <= " " or char == "\x7f" for char in url):  # http.client refuses them later
+        raise AddressRefused("The URL is malformed.")
     try:
         parts = urlsplit(url)
         port = parts.port
