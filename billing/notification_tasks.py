@@ -66,7 +66,7 @@ def deliver_webhook(delivery_id: str) -> int | None:
 
 def run_delivery(delivery_id: uuid.UUID, now: dt.datetime) -> Any:
     """Claim, commit, POST outside any transaction, record. Returns the delivery, or ``None``
-    when its attempt was not due (or another worker holds it)."""
+    when its attempt was not due (or another worker holds it, or it was deleted meanwhile)."""
     timeout = float(current_app.config["ENSOUL_WEBHOOK_TIMEOUT_SECONDS"])
     claimed = webhooks.claim(delivery_id, now, timeout)
     db.session.commit()

@@ -257,9 +257,13 @@ def send(claimed: Claim, config: Mapping[str, Any]) -> Outcome:
     return Outcome(status, duration, error[:500] if error else None)
 
 
-def record(delivery_id: uuid.UUID, outcome: Outcome, now: dt.datetime) -> WebhookDelivery:
-    """Log the attempt; succeed, schedule the next one, or give up after the last."""
-    delivery = db.session.get_one(WebhookDelivery, delivery_id)
+def record(delivery_id: uuid.UUID, outcome: Outcome, now: dt.datetime
+           ) -> WebhookDelivery | None:
+    """Log the attempt; succeed, schedule the next one, or give up after the last. ``None``
+    when the endpoint was deleted (with its deliveries) while the attempt ran."""
+    delivery = db.session.get(WebhookDelivery, delivery_id)
+    if delivery is None:
+        return None
     delivery.attempts += 1
     delivery.last_status_code = outcome.status_code
     next_at = None
