@@ -4,8 +4,9 @@ Redis), and the credit hook on the test Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,12 +21,15 @@ from fleet import services
 from fleet.models import Device, HardwareKind
 from inference.directory import DeviceProfile, build_profiles
 from inference.hook import Admission, Refused
+from inference.service import BrokerThread
 from inference.units import Units
 from inference.usage import UsageEvent, UsageWriter
 from tests.billing.helpers import make_offer, make_plan
 from tests.factories import tenant_with_owner
 
 T = TypeVar("T")
+
+CREDIT_HOOK = "billing.enforcement:make_hook"  # the default, set anyway over other suites'
 
 # 1 credit per 100 output tokens, per 1,000 input tokens, per 10 s of audio either way.
 RATES = {"output_tokens": (100, 1), "input_tokens": (1000, 1), "audio_in_ms": (10_000, 1),
@@ -154,3 +158,33 @@ def drain(app: Any) -> None:
     writer = UsageWriter(app, "test-writer", block_ms=10)
     while writer.drain_once():
         pass
+
+
+@contextlib.contextmanager
+def running_credit_broker(app: Any) -> Iterator[BrokerThread]:
+    """The real inference broker in a thread, checked to run the credit hook and subscribed."""
+    from core.mqtt import platform_target
+    from tests.support.waiting import wait_until
+
+    thread = BrokerThread(app, platform_target(app.config), shared=True)
+    thread.start()
+    try:
+        assert thread.ready.wait(10), f"the broker did not start: {thread.failed}"
+        assert thread.broker is not None and isinstance(thread.broker.hook, CreditHook)
+        link = thread.broker.link
+        assert link is not None
+        wait_until(link.subscribed.is_set, 10, what="the broker's subscriptions")
+        yield thread
+    finally:
+        thread.stop()
+
+
+def mqtt_info(device: Device) -> dict[str, Any]:
+    """New credentials for ``device`` (billed_tenant keeps none), synced to Mosquitto."""
+    from fleet.broker_access.mosquitto import MosquittoFiles
+    from fleet.topics import connection_info
+
+    password = services.issue_credentials(device)
+    db.session.commit()
+    MosquittoFiles.from_config(current_app.config).sync()
+    return connection_info(device, password)

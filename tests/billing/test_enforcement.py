@@ -22,13 +22,15 @@ from core.redis import get_redis
 from inference.directory import DeviceProfile, profile_key
 from inference.hook import Refused
 from inference.units import Units
-from inference.usage import UsageEvent, UsageWriter, entry_data, usage_stream
+from inference.usage import UsageEvent, entry_data, usage_stream
 from tests.billing.credit import (
     Billed,
     allow_overage,
     billed_tenant,
     buy_package,
+    drain,
     event_for,
+    live,
     run,
 )
 
@@ -41,18 +43,9 @@ def admit(hook: CreditHook, billed: Billed, *, index: int = 0, kind: str = "text
                       stream_id=f"s-{uuid.uuid4().hex}", owner="test")
 
 
-def live(billed: Billed) -> dict[str, int]:
-    raw = get_redis().hgetall(billing_keys(_prefix(), str(billed.tenant_id))["acct"])
-    return {k.decode(): int(v) for k, v in raw.items()}
-
-
 def _prefix() -> str:
     from flask import current_app
     return str(current_app.config["ENSOUL_REDIS_PREFIX"])
-
-
-def drain(committed_app: Any) -> None:
-    UsageWriter(committed_app, "test-writer").drain_once()
 
 
 def test_a_device_without_a_seat_is_refused_license_required() -> None:
@@ -101,7 +94,7 @@ def test_no_credit_anywhere_is_refused_quota_exhausted() -> None:
             await admit(hook, billed)
         assert refused.value.code == "quota_exhausted"
     run(scenario)
-    assert not any(live(billed).values())
+    assert not any(live(billed.tenant_id).values())
 
 
 def test_admission_reserves_one_chunk_and_the_budget_is_what_it_buys() -> None:
@@ -113,7 +106,7 @@ def test_admission_reserves_one_chunk_and_the_budget_is_what_it_buys() -> None:
     admission = run(scenario)
     # 1 credit for the input (ceiling of 10 / 1,000) and 1 for 50 output tokens (of 100).
     assert admission.state["reserved"] == 2
-    assert live(billed)[ledger.package_account(package.id)] == 8
+    assert live(billed.tenant_id)[ledger.package_account(package.id)] == 8
     assert admission.budget.output_tokens == 100  # the whole block the credit pays for
     assert admission.budget.input_tokens == 2000  # or one more block of input instead
 
@@ -200,7 +193,7 @@ def test_settle_gives_back_what_was_not_used_and_the_event_carries_the_price(
     event = run(scenario)
     assert event.credits == 3 + 1
     assert event.credit_split == {ledger.package_account(package.id): 4}
-    assert live(billed)[ledger.package_account(package.id)] == 46
+    assert live(billed.tenant_id)[ledger.package_account(package.id)] == 46
     [(_, fields)] = get_redis().xrange(usage_stream(billed.tenant_id))  # appended once
     assert orjson.loads(fields[b"e"])["credits"] == 0  # as the broker encoded it
     appended = entry_data(fields)  # with the price the settle script set beside it
@@ -223,7 +216,7 @@ def test_the_sweeper_settles_a_dead_brokers_stream_from_its_reservation() -> Non
         return orphan
     orphan = run(scenario)
     assert orphan.credits == 3
-    assert live(billed)[ledger.package_account(package.id)] == 17
+    assert live(billed.tenant_id)[ledger.package_account(package.id)] == 17
 
 
 @pytest.mark.parametrize("streams", [200])
@@ -265,7 +258,7 @@ def test_concurrent_streams_overdraw_at_most_one_chunk_each(committed_app: Any,
     assert admitted > 1
     assert sum(billed_credits) <= balance + chunk_credits * admitted
     assert sum(billed_credits) >= balance  # the balance was used up, not left over
-    assert live(billed)[ledger.package_account(package.id)] == 0
+    assert live(billed.tenant_id)[ledger.package_account(package.id)] == 0
     drain(committed_app)
     assert ledger.balance(billed.tenant_id, ledger.package_account(package.id)) == 0
 
@@ -293,5 +286,5 @@ def test_allowances_of_months_before_the_previous_one_are_forgotten_in_redis() -
                                          f"allowance:{device}:{utcnow():%Y-%m}": 5})
     get_redis().hset(k["grants"], f"allowance:{device}:2020-01", 5)
     assert balances.prune_allowances(billed.tenant_id) == 1
-    assert set(live(billed)) == {f"allowance:{device}:{utcnow():%Y-%m}"}
+    assert set(live(billed.tenant_id)) == {f"allowance:{device}:{utcnow():%Y-%m}"}
     assert not get_redis().hexists(k["grants"], f"allowance:{device}:2020-01")

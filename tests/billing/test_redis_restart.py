@@ -23,8 +23,14 @@ from billing.models import EntryKind, LedgerEntry
 from core.db import db
 from inference.client import DeviceClient, Reply
 from inference.models import UsageEventRecord
-from tests.billing.credit import billed_tenant, buy_package, drain, live
-from tests.billing.test_stream_cut import CREDIT_HOOK, mqtt_info
+from tests.billing.credit import (
+    CREDIT_HOOK,
+    billed_tenant,
+    buy_package,
+    drain,
+    live,
+    mqtt_info,
+)
 from tests.conftest import MosquittoInstance
 from tests.inference.conftest import connect_with_retry
 from tests.inference.processes import (

@@ -18,13 +18,8 @@ from flask import current_app
 
 from billing import balances, ledger
 from billing.enforcement import CreditHook, billing_keys, default_chunk
-from core.db import db
 from core.mqtt import platform_target
 from core.redis import connect_async, get_redis
-from fleet import services
-from fleet.broker_access.mosquitto import MosquittoFiles
-from fleet.models import Device
-from fleet.topics import connection_info
 from inference.broker import BrokerSettings, InferenceBroker
 from inference.client import DeviceClient, Reply
 from inference.providers.base import ProviderRequest
@@ -32,7 +27,14 @@ from inference.providers.local import LocalProvider, LocalSettings, estimate_tok
 from inference.providers.registry import ProviderRegistry
 from inference.service import BrokerThread
 from inference.sweeper import Sweeper, orphan_event
-from tests.billing.credit import billed_tenant, buy_package, drain
+from tests.billing.credit import (
+    CREDIT_HOOK,
+    billed_tenant,
+    buy_package,
+    drain,
+    mqtt_info,
+    running_credit_broker,
+)
 from tests.billing.helpers import buy_seats
 from tests.conftest import MosquittoInstance
 from tests.inference.conftest import connect_with_retry
@@ -46,11 +48,9 @@ from tests.inference.processes import (
     until_served,
     usage_events,
 )
-from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.committed
 
-CREDIT_HOOK = "billing.enforcement:make_hook"
 
 
 @pytest.fixture
@@ -70,26 +70,8 @@ def credit_platform(committed_app: Any, mosquitto: MosquittoInstance,
 
 @pytest.fixture
 def credit_broker(credit_platform: Any) -> Iterator[BrokerThread]:
-    """The real inference broker in a thread, its hook chosen by ``ENSOUL_BILLING_HOOK``."""
-    thread = BrokerThread(credit_platform, platform_target(credit_platform.config), shared=True)
-    thread.start()
-    try:
-        assert thread.ready.wait(10), f"the broker did not start: {thread.failed}"
-        assert thread.broker is not None and isinstance(thread.broker.hook, CreditHook)
-        link = thread.broker.link
-        assert link is not None
-        wait_until(link.subscribed.is_set, 10, what="the broker's subscriptions")
+    with running_credit_broker(credit_platform) as thread:
         yield thread
-    finally:
-        thread.stop()
-
-
-def mqtt_info(device: Device) -> dict[str, Any]:
-    """New credentials for ``device`` (billed_tenant keeps none), synced to Mosquitto."""
-    password = services.issue_credentials(device)
-    db.session.commit()
-    MosquittoFiles.from_config(current_app.config).sync()
-    return connection_info(device, password)
 
 
 def metered(question: str) -> list[tuple[str, int]]:

@@ -17,22 +17,22 @@ from playwright.sync_api import Page, expect
 from accounts import services as accounts
 from accounts.models import Role, Tenant
 from billing import balances, catalog, ledger, reports
-from billing.enforcement import CreditHook
 from core.db import db
-from core.mqtt import platform_target
-from fleet import services as fleet_services
-from fleet.broker_access.mosquitto import MosquittoFiles
-from fleet.topics import connection_info
 from inference.client import DeviceClient, Reply
 from inference.service import BrokerThread
-from inference.usage import UsageWriter
-from tests.billing.credit import Billed, billed_tenant
+from tests.billing.credit import (
+    CREDIT_HOOK,
+    Billed,
+    billed_tenant,
+    drain,
+    mqtt_info,
+    running_credit_broker,
+)
 from tests.inference.conftest import (  # noqa: F401 - fixtures
     connect_with_retry,
     inference_mosquitto,
     platform,
 )
-from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -117,7 +117,6 @@ def test_order_a_package_have_it_marked_paid_and_see_its_credits(
 
 # --- the balance falls while a device streams ---------------------------------------------------
 
-CREDIT_HOOK = "billing.enforcement:make_hook"
 QUESTIONS = ("Tell me a story about a bear", "And one about a fox", "Now one about an owl")
 
 
@@ -134,17 +133,8 @@ def credit_platform(platform: Any, monkeypatch: pytest.MonkeyPatch) -> Any:  # n
 
 @pytest.fixture
 def credit_broker(credit_platform: Any) -> Iterator[BrokerThread]:
-    thread = BrokerThread(credit_platform, platform_target(credit_platform.config), shared=True)
-    thread.start()
-    try:
-        assert thread.ready.wait(10), f"the broker did not start: {thread.failed}"
-        assert thread.broker is not None and isinstance(thread.broker.hook, CreditHook)
-        link = thread.broker.link
-        assert link is not None
-        wait_until(link.subscribed.is_set, 10, what="the broker's subscriptions")
+    with running_credit_broker(credit_platform) as thread:
         yield thread
-    finally:
-        thread.stop()
 
 
 class Streaming(NamedTuple):
@@ -169,12 +159,9 @@ def streaming(credit_platform: Any) -> Streaming:
     admin = accounts.create_user("ops@ensoul.example", PASSWORD, "Pat Platform",
                                  platform_admin=True)
     catalog.create_package_offer("credits-1k", "1,000 credits", 1000, 90, {"EUR": 150})
-    device = billed.devices[0]
-    password = fleet_services.issue_credentials(device)  # billed_tenant keeps none
     db.session.commit()
-    MosquittoFiles.from_config(credit_platform.config).sync()
     return Streaming(billed, tenant.name, owner.email, admin.email,
-                     connection_info(device, password))
+                     mqtt_info(billed.devices[0]))
 
 
 def stream(info: dict[str, Any], questions: tuple[str, ...]) -> list[Reply]:
@@ -201,12 +188,6 @@ def settled_credits(app: Any, billed: Billed, request_ids: list[str]) -> int:
     credits = {r["request_id"]: r["credits"] for r in listed.json["items"]}
     assert set(credits) == set(request_ids), credits
     return sum(credits.values())
-
-
-def write_usage(app: Any) -> None:
-    writer = UsageWriter(app, "browser-writer", block_ms=10)
-    while writer.drain_once():
-        pass
 
 
 def test_the_package_balance_falls_while_a_device_streams(
@@ -252,7 +233,7 @@ def test_the_package_balance_falls_while_a_device_streams(
             assert end["usage"]["credit_split"] == {account: credits}, end
             request_ids.append(reply.request_id)
             charged += credits
-        write_usage(credit_platform)
+        drain(credit_platform)
         spent = settled_credits(credit_platform, streaming.billed, request_ids)
         assert spent == charged
         page.reload()
