@@ -24,13 +24,10 @@ def get_policy(tenant_id: uuid.UUID) -> BillingPolicy:
 
 def set_policy(tenant_id: uuid.UUID, *, overage_allowed: bool, overage_cap_credits: int | None,
                auto_renew: bool, postpaid_plan_id: uuid.UUID | None = None) -> BillingPolicy:
-    from accounts.models import Tenant
     from billing.postpaid import check_postpaid_plan
 
     if postpaid_plan_id is not None:
-        tenant = db.session.get(Tenant, tenant_id)
-        assert tenant is not None
-        check_postpaid_plan(postpaid_plan_id, tenant.currency)
+        check_postpaid_plan(postpaid_plan_id, accounts.get_tenant(tenant_id).currency)
     policy = get_policy(tenant_id)
     before = {"overage_allowed": policy.overage_allowed,
               "overage_cap_credits": policy.overage_cap_credits,
