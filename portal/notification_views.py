@@ -82,8 +82,7 @@ def _render_webhook(form: WebhookForm | None = None, status: int = 200,
     tenant = current_tenant()
     endpoint = webhooks.get_endpoint(tenant.id)
     if form is None:
-        form = WebhookForm(formdata=None, obj=endpoint) if endpoint else WebhookForm(
-            formdata=None)
+        form = WebhookForm(formdata=None, obj=endpoint)
     deliveries = db.session.scalars(
         scoped(WebhookDelivery).options(selectinload(WebhookDelivery.attempt_log))
         .order_by(WebhookDelivery.id.desc()).limit(DELIVERIES_LISTED)).all()
