@@ -36,6 +36,7 @@ from billing.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, Webh
 from core.crypto import decrypt, encrypt, new_token
 from core.db import db, on_commit, utcnow
 from core.errors import Conflict, Forbidden, NotFound
+from core.ids import uuid7
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,6 @@ def queue_event(tenant_id: uuid.UUID, type_: str, data: Mapping[str, Any], *,
 
 def send_test(endpoint: WebhookEndpoint) -> WebhookDelivery:
     """A ``webhook.test`` event, to check the receiver and its signature verification."""
-    from core.ids import uuid7
-
     delivery = queue_event(endpoint.tenant_id, TEST_EVENT, {"message": "It works."},
                            event_id=uuid7(), created_at=utcnow())
     if delivery is None:
